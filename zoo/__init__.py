@@ -1,0 +1,12 @@
+"""zoo: a JAX model zoo for deep learning beyond classification.
+
+    import zoo
+    model = zoo.create("unet", num_classes=11)
+    variables = model.init(rng, images, train=False)
+    logits, aux = model.apply(variables, images, train=False)
+"""
+
+from zoo.registry import create, hyperparameters, list_models, register_model
+
+__all__ = ["create", "hyperparameters", "list_models", "register_model"]
+__version__ = "0.1.0"
