@@ -1,0 +1,58 @@
+r"""Writes PNGs of a trained model's predictions beside the ground truth, for a person to look at.
+
+    python -m experiments.predict --workdir=runs/unet --split=test --num_images=16
+
+Each file `<output_dir>/<split>_<index>.png` shows: the image | ground truth | prediction.
+"""
+
+import os
+
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+from PIL import Image
+
+from experiments import launcher
+
+CONFIG = config_flags.DEFINE_config_file("config", None, "Config file; default: the workdir's.")
+WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.")
+SPLIT = flags.DEFINE_string("split", "test", "The split to draw examples from.")
+NUM_IMAGES = flags.DEFINE_integer("num_images", 16, "How many examples to draw.")
+OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Default: <workdir>/predictions.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  del argv
+  launcher.start()
+  from zoo import training, visualization
+  from zoo.data import pipeline
+  config = CONFIG.value or training.read_config(WORKDIR.value)
+  experiment = training.Experiment(config)
+  state = experiment.restore(WORKDIR.value)
+  output_dir = OUTPUT_DIR.value or os.path.join(WORKDIR.value, "predictions")
+  os.makedirs(output_dir, exist_ok=True)
+  written = 0
+  batches = pipeline.eval_batches(experiment.data_source(SPLIT.value),
+                                  global_batch_size=config.eval_batch_size,
+                                  features=experiment.task.features)
+  for batch in batches:
+    predictions = np.asarray(experiment.predict(state, batch["image"]))
+    for i in np.flatnonzero(batch["example_valid"]):
+      if written == NUM_IMAGES.value:
+        break
+      image, target = batch["image"][i], batch["segmentation"][i]
+      # A VALID-padding model predicts only the centre: the uncovered border is drawn grey.
+      prediction = visualization.pad_to_center(predictions[i], target.shape)
+      panels = [visualization.to_uint8(image), visualization.overlay(image, target),
+                visualization.overlay(image, prediction)]
+      path = os.path.join(output_dir, f"{SPLIT.value}_{written:04d}.png")
+      Image.fromarray(visualization.side_by_side(panels)).save(path)
+      written += 1
+    if written == NUM_IMAGES.value:
+      break
+  print(f"Wrote {written} images (image | ground truth | prediction) to {output_dir}")
+
+
+if __name__ == "__main__":
+  launcher.run(main)

@@ -1,0 +1,54 @@
+"""The optax optimizer and learning-rate schedule described by a config.
+
+    config.optimizer = dict(name="adam", learning_rate=1e-3, schedule="cosine",
+                            warmup_steps=100, weight_decay=0.0, momentum=0.9,
+                            grad_clip_norm=1.0)
+"""
+
+import optax
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+def make_schedule(optimizer_config, total_steps: int) -> optax.Schedule:
+  """Linear warm-up from 0 over `warmup_steps`, then the named decay to 0 at `total_steps`."""
+  peak = optimizer_config.learning_rate
+  warmup = optimizer_config.get("warmup_steps", 0)
+  name = optimizer_config.get("schedule", "constant")
+  decay_steps = max(total_steps - warmup, 1)
+  if name == "constant":
+    decay = optax.constant_schedule(peak)
+  elif name == "cosine":
+    decay = optax.cosine_decay_schedule(peak, decay_steps)
+  elif name == "linear":
+    decay = optax.linear_schedule(peak, 0.0, decay_steps)
+  else:
+    raise ValueError(f"Unknown optimizer.schedule {name!r}; choose one of {', '.join(SCHEDULES)}.")
+  if warmup <= 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def make_optimizer(optimizer_config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Returns (optimizer, learning-rate schedule) with optional global-norm gradient clipping."""
+  schedule = make_schedule(optimizer_config, total_steps)
+  name = optimizer_config.name
+  weight_decay = optimizer_config.get("weight_decay", 0.0)
+  if name == "sgd":
+    optimizer = optax.sgd(schedule)
+  elif name == "momentum":
+    optimizer = optax.sgd(schedule, momentum=optimizer_config.get("momentum", 0.9), nesterov=False)
+  elif name == "adam":
+    optimizer = optax.adam(schedule)
+  elif name == "adamw":
+    optimizer = optax.adamw(schedule, weight_decay=weight_decay)
+  else:
+    raise ValueError(f"Unknown optimizer.name {name!r}; choose one of {', '.join(OPTIMIZERS)}.")
+  if name != "adamw" and weight_decay:
+    # Coupled L2 decay, as in the SGD recipes of the detection and segmentation papers.
+    optimizer = optax.chain(optax.add_decayed_weights(weight_decay), optimizer)
+  clip = optimizer_config.get("grad_clip_norm", None)
+  if clip:
+    optimizer = optax.chain(optax.clip_by_global_norm(clip), optimizer)
+  return optimizer, schedule

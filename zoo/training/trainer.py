@@ -1,0 +1,335 @@
+"""The generic trainer: one jitted train step, a data-parallel mesh, Orbax checkpoints.
+
+    state = create_train_state(...)            # or restored from the workdir
+    state, metrics = train_step(state, batch)  # one XLA program, batch sharded over `data`
+    sums = eval_step(state, batch)             # task totals, summed over a split
+
+`train_and_evaluate(config, workdir)` runs the loop: logging with step rate and ETA,
+TensorBoard summaries, checkpoints every `checkpoint_every` steps (and on SIGTERM),
+evaluation every `eval_every` steps and at the end, and resumption from the newest
+checkpoint. The step's random key is `fold_in(key, step)` and the data position is
+checkpointed, so a resumed run reproduces an uninterrupted one exactly.
+"""
+
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+import zoo
+from zoo.data import load_data_source, pipeline
+from zoo.training import checkpoint as checkpoint_lib
+from zoo.training import mesh as mesh_lib
+from zoo.training.optimizer import make_optimizer
+from zoo.training.summaries import MetricWriter
+from zoo.training.tasks import Task, create_task
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training, as one pytree.
+
+  Attributes:
+    step: () int32, the number of optimizer steps taken.
+    params: the model's `params` collection.
+    model_state: the model's other collections (e.g. `batch_stats`); {} if none.
+    opt_state: the optax optimizer state.
+  """
+  step: jax.Array
+  params: Any
+  model_state: Any
+  opt_state: Any
+
+
+class Preempted(Exception):
+  """Raised after a SIGTERM: the state was checkpointed and the run can be restarted."""
+
+
+def create_model(model_config) -> nn.Module:
+  """`zoo.create(model_config.name, **other fields)`."""
+  kwargs = {k: v for k, v in model_config.items() if k != "name"}
+  return zoo.create(model_config.name, **kwargs)
+
+
+def create_train_state(model: nn.Module, optimizer: optax.GradientTransformation, rng,
+                       example_images) -> TrainState:
+  """Initialises parameters from `rng` for inputs shaped like `example_images` (1, H, W, C)."""
+  variables = dict(model.init({"params": rng, "dropout": rng}, example_images, train=False))
+  params = variables.pop("params")
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
+                    opt_state=optimizer.init(params))
+
+
+def train_step(state: TrainState, batch: dict, rng, *, model: nn.Module, task: Task,
+               optimizer: optax.GradientTransformation, schedule: optax.Schedule):
+  """One optimizer step on a (global) batch. Returns (new state, {metric: scalar})."""
+  step_rng = jax.random.fold_in(rng, state.step)
+  mutable = list(state.model_state)
+
+  def loss_fn(params):
+    variables = {"params": params, **state.model_state}
+    if mutable:
+      (outputs, _), new_model_state = model.apply(
+          variables, batch["image"], train=True, mutable=mutable, rngs={"dropout": step_rng})
+    else:
+      outputs, _ = model.apply(variables, batch["image"], train=True, rngs={"dropout": step_rng})
+      new_model_state = {}
+    loss, metrics = task.loss(outputs, batch)
+    return loss, (metrics, new_model_state)
+
+  grads, (metrics, new_model_state) = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            model_state=dict(new_model_state), opt_state=opt_state)
+  metrics = dict(metrics, grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, model: nn.Module, task: Task):
+  """The task's additive evaluation totals for one batch."""
+  outputs, _ = model.apply({"params": state.params, **state.model_state}, batch["image"], train=False)
+  return task.eval_sums(outputs, batch)
+
+
+def predict_step(state: TrainState, images, *, model: nn.Module, task: Task):
+  outputs, _ = model.apply({"params": state.params, **state.model_state}, images, train=False)
+  return task.predict(outputs)
+
+
+class Experiment:
+  """A config made concrete: mesh, model, task, optimizer, data and the jitted steps."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.mesh = mesh_lib.make_mesh(config.mesh.num_devices, config.mesh.model_axis_size)
+    self.model = create_model(config.model)
+    self.task = create_task(config.task)
+    self.optimizer, self.schedule = make_optimizer(config.optimizer, config.total_steps)
+    data_size = self.mesh.shape[mesh_lib.DATA_AXIS]
+    for name in ("batch_size", "eval_batch_size"):
+      if config[name] % data_size:
+        raise ValueError(f"{name}={config[name]} must be a multiple of the {data_size} devices "
+                         "on the mesh's data axis.")
+    self.rng = jax.random.key(config.seed)
+
+    replicated = mesh_lib.replicated(self.mesh)
+    batched = mesh_lib.batch_sharding(self.mesh)
+    self._train_step = jax.jit(
+        functools.partial(train_step, model=self.model, task=self.task,
+                          optimizer=self.optimizer, schedule=self.schedule),
+        in_shardings=(replicated, batched, replicated), out_shardings=(replicated, replicated),
+        donate_argnums=0)
+    self._eval_step = jax.jit(functools.partial(eval_step, model=self.model, task=self.task),
+                              in_shardings=(replicated, batched), out_shardings=replicated)
+    self._predict_step = jax.jit(functools.partial(predict_step, model=self.model, task=self.task))
+
+  def data_source(self, split: str):
+    return load_data_source(self.config.data.name, split, data_dir=self.config.data.get("data_dir"))
+
+  def train_iterator(self):
+    data = self.config.data
+    return pipeline.train_batches(
+        self.data_source(data.train_split), global_batch_size=self.config.batch_size,
+        seed=self.config.seed, features=self.task.features, augment=tuple(data.augment),
+        max_objects=data.max_objects)
+
+  def example_images(self):
+    image = np.asarray(self.data_source(self.config.data.train_split)[0]["image"])
+    return jnp.zeros((1, *image.shape), jnp.float32)
+
+  def abstract_state(self) -> TrainState:
+    """The state's shapes and dtypes, replicated over the mesh, without computing it."""
+    init_rng, _ = jax.random.split(self.rng)
+    shapes = jax.eval_shape(create_train_state, self.model, self.optimizer, init_rng,
+                            self.example_images())
+    return checkpoint_lib.abstract_like(shapes, jax.tree.map(lambda _: mesh_lib.replicated(self.mesh), shapes))
+
+  def init_state(self) -> TrainState:
+    init_rng, _ = jax.random.split(self.rng)
+    init = jax.jit(functools.partial(create_train_state, self.model, self.optimizer),
+                   out_shardings=mesh_lib.replicated(self.mesh))
+    return init(init_rng, self.example_images())
+
+  def train_step(self, state: TrainState, local_batch: dict):
+    _, step_rng = jax.random.split(self.rng)
+    return self._train_step(state, mesh_lib.global_batch(local_batch, self.mesh), step_rng)
+
+  def evaluate(self, state: TrainState, split: str) -> dict:
+    """The task's summary over one whole pass of `split`."""
+    batches = pipeline.eval_batches(
+        self.data_source(split), global_batch_size=self.config.eval_batch_size,
+        features=self.task.features, max_objects=self.config.data.max_objects)
+    sums = None
+    for local_batch in batches:
+      batch_sums = self._eval_step(state, mesh_lib.global_batch(local_batch, self.mesh))
+      sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
+    return self.task.summarize(jax.device_get(sums))
+
+  def predict(self, state: TrainState, images):
+    return self._predict_step(state, images)
+
+  def checkpointer(self, workdir: str, read_only: bool = False) -> checkpoint_lib.Checkpointer:
+    return checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), save_every=self.config.checkpoint_every,
+        keep=self.config.keep_checkpoints, read_only=read_only)
+
+  def restore(self, workdir: str, *, step: int | None = None) -> TrainState:
+    """The trained state in `workdir` (newest checkpoint unless `step`), for evaluation."""
+    checkpointer = self.checkpointer(workdir, read_only=True)
+    try:
+      return checkpointer.restore(self.abstract_state(), step=step)
+    finally:
+      checkpointer.close()
+
+
+def prepare_workdir(workdir: str) -> str:
+  """Creates `workdir` and checks it is writable; raises ValueError naming the fix if not."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f"--workdir={workdir} is not a writable directory ({e.strerror}); "
+                     "pass a directory you can create and write to.") from None
+  return workdir
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str):
+  if jax.process_index() == 0:
+    _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a training run wrote into `workdir`."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise ValueError(f"{path} does not exist: --workdir must be a directory written by "
+                     "experiments.train, or pass --config.")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _write_json(path: str, value):
+  """Writes atomically: a reader never sees a half-written file."""
+  temporary = f"{path}.tmp{os.getpid()}"
+  with open(temporary, "w") as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+  os.replace(temporary, path)
+
+
+class _SigtermFlag:
+  """Records SIGTERM instead of dying, so the loop can checkpoint first."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread: leave signals alone.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint, then stopping.")
+    self.received = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _preemption_requested(flag: _SigtermFlag, step: int) -> bool:
+  if jax.process_count() > 1:
+    # Every host must stop at the same step, so agree through the coordination service.
+    from jax.experimental import multihost_utils
+    return multihost_utils.reached_preemption_sync_point(step) or flag.received
+  return flag.received
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from the newest checkpoint in `workdir`), then evaluates.
+
+  Returns:
+    {split: {metric: value}} for `config.final_eval_splits`, also written to
+    `<workdir>/results.json`.
+
+  Raises:
+    Preempted: after SIGTERM, once the checkpoint of the current step is written.
+  """
+  workdir = prepare_workdir(workdir)
+  experiment = Experiment(config)
+  write_config(config, workdir)
+  checkpointer = experiment.checkpointer(workdir)
+  train_iterator = experiment.train_iterator()
+  latest = checkpointer.latest_step()
+  if latest is None:
+    state = experiment.init_state()
+    logging.info("Starting from scratch in %s.", workdir)
+  else:
+    state = checkpointer.restore(experiment.abstract_state(), train_iterator)
+    logging.info("Resumed from the checkpoint of step %d in %s.", latest, workdir)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info("Model %s: %s parameters; mesh %s.", config.model.name, f"{num_params:,}",
+               dict(experiment.mesh.shape))
+
+  train_writer = MetricWriter(workdir, "train")
+  eval_writer = MetricWriter(workdir, "eval")
+  step = int(state.step)
+  total = config.total_steps
+  pending, interval_start, interval_first_step = [], time.perf_counter(), step
+  with _SigtermFlag() as sigterm:
+    while step < total:
+      state, metrics = experiment.train_step(state, next(train_iterator))
+      step += 1
+      pending.append(metrics)
+      if step % config.log_every == 0 or step == total:
+        means = {k: np.mean([m[k] for m in jax.device_get(pending)]) for k in pending[0]}
+        rate = (step - interval_first_step) / (time.perf_counter() - interval_start)
+        means["steps_per_second"] = rate
+        eta = (total - step) / rate
+        train_writer.write_scalars(step, means, console_suffix=f" (ETA {eta / 60:.1f} min)")
+        pending, interval_start, interval_first_step = [], time.perf_counter(), step
+      checkpointer.save(step, state, train_iterator, force=step == total)
+      if config.eval_every and step % config.eval_every == 0 and step < total:
+        eval_writer.write_scalars(step, _prefixed(experiment.evaluate(state, config.eval_split),
+                                                  config.eval_split))
+        interval_start, interval_first_step = time.perf_counter(), step
+      if step < total and _preemption_requested(sigterm, step):
+        checkpointer.save(step, state, train_iterator, force=True)
+        checkpointer.wait()
+        checkpointer.close()
+        raise Preempted(f"Stopped at step {step} after SIGTERM; the checkpoint is in {workdir}. "
+                        "Run the same command again to resume.")
+  checkpointer.wait()
+  checkpointer.close()
+  train_writer.close()
+
+  results = {"step": step}
+  for split in config.final_eval_splits:
+    results[split] = experiment.evaluate(state, split)
+    eval_writer.write_scalars(step, _prefixed(results[split], split))
+  eval_writer.close()
+  if jax.process_index() == 0:
+    _write_json(os.path.join(workdir, "results.json"), results)
+  return results
+
+
+def _prefixed(metrics: dict, split: str) -> dict:
+  return {f"{split}/{k}": v for k, v in metrics.items()}
