@@ -25,8 +25,28 @@ def start():
                jax.default_backend())
 
 
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except (KeyError, AttributeError) as e:
+    message = str(e.args[0] if e.args else e).replace("'", "").replace("\n", "; ")
+    overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
+    _fail(f"a --config.* override names a field the config does not have ({message}). "
+          f"Overrides given: {overrides}. A run's full config is written to <workdir>/config.json.")
+  except flags.Error as e:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[1].startswith("Traceback"):
+      lines = [lines[0], lines[-1]]  # The config file raised: its own message is the last line.
+    _fail(" ".join(lines).rstrip(". ") + ". Pass --helpfull to list the flags.")
+
+
+def _fail(message: str):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def run(main):
-  """`app.run(main)`, reporting our own ValueErrors as one clean line (exit status 2)."""
+  """`app.run(main)`, reporting bad flags and our own ValueErrors as one clean line (exit 2)."""
 
   def guarded(argv):
     try:
@@ -34,7 +54,6 @@ def run(main):
     except ValueError as e:
       if os.environ.get("ZOO_TRACEBACK"):
         raise
-      print(f"error: {e}\n(set ZOO_TRACEBACK=1 for the traceback)", file=sys.stderr)
-      sys.exit(2)
+      _fail(f"{e}\n(set ZOO_TRACEBACK=1 for the traceback)")
 
-  app.run(guarded)
+  app.run(guarded, flags_parser=_parse_flags)
