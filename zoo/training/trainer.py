@@ -274,9 +274,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     Preempted: after SIGTERM, once the checkpoint of the current step is written.
   """
   workdir = prepare_workdir(workdir)
-  experiment = Experiment(config)
-  write_config(config, workdir)
-  checkpointer = experiment.checkpointer(workdir)
+  # From here on SIGTERM only sets a flag; the loop checkpoints and stops at the next step.
+  with _SigtermFlag() as sigterm:
+    experiment = Experiment(config)
+    write_config(config, workdir)
+    checkpointer = experiment.checkpointer(workdir)
+    try:
+      state = _train(experiment, checkpointer, workdir, sigterm)
+    finally:
+      checkpointer.close()
+
+  results = {"step": int(state.step)}
+  eval_writer = MetricWriter(workdir, "eval")
+  for split in config.final_eval_splits:
+    results[split] = experiment.evaluate(state, split)
+    eval_writer.write_scalars(results["step"], _prefixed(results[split], split))
+  eval_writer.close()
+  if jax.process_index() == 0:
+    _write_json(os.path.join(workdir, "results.json"), results)
+  return results
+
+
+def _train(experiment: Experiment, checkpointer, workdir: str, sigterm: _SigtermFlag) -> TrainState:
+  """The training loop, from the newest checkpoint (if any) to `config.total_steps`."""
+  config = experiment.config
   train_iterator = experiment.train_iterator()
   latest = checkpointer.latest_step()
   if latest is None:
@@ -294,41 +315,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step = int(state.step)
   total = config.total_steps
   pending, interval_start, interval_first_step = [], time.perf_counter(), step
-  with _SigtermFlag() as sigterm:
-    while step < total:
-      state, metrics = experiment.train_step(state, next(train_iterator))
-      step += 1
-      pending.append(metrics)
-      if step % config.log_every == 0 or step == total:
-        means = {k: np.mean([m[k] for m in jax.device_get(pending)]) for k in pending[0]}
-        rate = (step - interval_first_step) / (time.perf_counter() - interval_start)
-        means["steps_per_second"] = rate
-        eta = (total - step) / rate
-        train_writer.write_scalars(step, means, console_suffix=f" (ETA {eta / 60:.1f} min)")
-        pending, interval_start, interval_first_step = [], time.perf_counter(), step
-      checkpointer.save(step, state, train_iterator, force=step == total)
-      if config.eval_every and step % config.eval_every == 0 and step < total:
-        eval_writer.write_scalars(step, _prefixed(experiment.evaluate(state, config.eval_split),
-                                                  config.eval_split))
-        interval_start, interval_first_step = time.perf_counter(), step
-      if step < total and _preemption_requested(sigterm, step):
-        checkpointer.save(step, state, train_iterator, force=True)
-        checkpointer.wait()
-        checkpointer.close()
-        raise Preempted(f"Stopped at step {step} after SIGTERM; the checkpoint is in {workdir}. "
-                        "Run the same command again to resume.")
+  while step < total:
+    state, metrics = experiment.train_step(state, next(train_iterator))
+    step += 1
+    pending.append(metrics)
+    if step % config.log_every == 0 or step == total:
+      means = {k: np.mean([m[k] for m in jax.device_get(pending)]) for k in pending[0]}
+      rate = (step - interval_first_step) / (time.perf_counter() - interval_start)
+      means["steps_per_second"] = rate
+      eta = (total - step) / rate
+      train_writer.write_scalars(step, means, console_suffix=f" (ETA {eta / 60:.1f} min)")
+      pending, interval_start, interval_first_step = [], time.perf_counter(), step
+    checkpointer.save(step, state, train_iterator, force=step == total)
+    if config.eval_every and step % config.eval_every == 0 and step < total:
+      eval_writer.write_scalars(step, _prefixed(experiment.evaluate(state, config.eval_split),
+                                                config.eval_split))
+      interval_start, interval_first_step = time.perf_counter(), step
+    if step < total and _preemption_requested(sigterm, step):
+      checkpointer.save(step, state, train_iterator, force=True)
+      checkpointer.wait()
+      raise Preempted(f"Stopped at step {step} after SIGTERM; the checkpoint is in {workdir}. "
+                      "Run the same command again to resume.")
   checkpointer.wait()
-  checkpointer.close()
   train_writer.close()
-
-  results = {"step": step}
-  for split in config.final_eval_splits:
-    results[split] = experiment.evaluate(state, split)
-    eval_writer.write_scalars(step, _prefixed(results[split], split))
   eval_writer.close()
-  if jax.process_index() == 0:
-    _write_json(os.path.join(workdir, "results.json"), results)
-  return results
+  return state
 
 
 def _prefixed(metrics: dict, split: str) -> dict:
