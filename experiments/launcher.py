@@ -5,6 +5,7 @@ turns a ValueError (bad config, bad input, bad workdir: our own checks, which na
 problem and the fix) into one line on stderr and exit status 2 instead of a traceback.
 """
 
+import logging as logging_std
 import os
 import sys
 
@@ -15,9 +16,17 @@ JAX_DISTRIBUTED = flags.DEFINE_bool(
     "Call jax.distributed.initialize() first: set on every host of a multi-host (pod) job.")
 
 
+class _QuietLibraries(logging_std.Filter):
+  """Drops the INFO chatter of Orbax (several lines per save) from the console."""
+
+  def filter(self, record):
+    return record.levelno > logging_std.INFO or "/orbax/" not in record.pathname
+
+
 def start():
   """Joins the multi-host job when asked; call before touching any device."""
   import jax
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if JAX_DISTRIBUTED.value:
     jax.distributed.initialize()
   logging.info("JAX %s, process %d of %d, %d local %s device(s).", jax.__version__,

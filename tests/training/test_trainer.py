@@ -171,7 +171,7 @@ def test_eval_and_predict_launchers(uninterrupted, tmp_path):
 
 @pytest.mark.parametrize("values,message", [
     ({"model.name": "unet3d"}, "Unknown model 'unet3d'"),
-    ({"model.padding": "VALID"}, "VALID"),
+    ({"model.padding": "VALID", "model.depth": 3}, "VALID"),
     ({"task.name": "depth"}, "Unknown task.name"),
     ({"optimizer.name": "adagrad"}, "Unknown optimizer.name"),
     ({"batch_size": 12, "mesh.num_devices": 8}, "multiple of the 8 devices"),

@@ -16,10 +16,10 @@ class Checkpointer:
   """Saves every `save_every` steps into `directory`, keeping the newest `keep`."""
 
   def __init__(self, directory: str, *, save_every: int, keep: int, read_only: bool = False):
-    options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_every, max_to_keep=keep, create=not read_only,
+    options = ocp.CheckpointManagerOptions( max_to_keep=keep, create=not read_only,
         read_only=read_only, cleanup_tmp_directories=not read_only)
     self.directory = directory
+    self.save_every = save_every
     self._manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
 
   def latest_step(self) -> int | None:
@@ -34,9 +34,12 @@ class Checkpointer:
     The device-to-host copy happens before this returns, so `state` may be donated to
     the next step; the files are written in the background until `wait()`.
     """
+    # The schedule is decided here, not by Orbax's policies (which also save the first step).
+    if not (force or step % self.save_every == 0) or step == self.latest_step():
+      return False
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=grain_checkpoint.CheckpointSave(data_iterator))
-    return self._manager.save(step, args=args, force=force)
+    return self._manager.save(step, args=args, force=True)
 
   def restore(self, abstract_state, data_iterator=None, *, step: int | None = None):
     """Restores `state` (and the iterator's position, in place) from `step` (default newest).

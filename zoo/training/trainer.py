@@ -151,8 +151,8 @@ class Experiment:
   def abstract_state(self) -> TrainState:
     """The state's shapes and dtypes, replicated over the mesh, without computing it."""
     init_rng, _ = jax.random.split(self.rng)
-    shapes = jax.eval_shape(create_train_state, self.model, self.optimizer, init_rng,
-                            self.example_images())
+    shapes = jax.eval_shape(functools.partial(create_train_state, self.model, self.optimizer),
+                            init_rng, self.example_images())
     return checkpoint_lib.abstract_like(shapes, jax.tree.map(lambda _: mesh_lib.replicated(self.mesh), shapes))
 
   def init_state(self) -> TrainState:
