@@ -232,6 +232,8 @@ def test_bad_arguments_are_reported(tiny_sources):
       function(source, **{**kwargs, "global_batch_size": 9, "process_count": 2})
     with pytest.raises(ValueError, match="process_index < process_count"):
       function(source, **{**kwargs, "process_index": 2, "process_count": 2})
+    with pytest.raises(ValueError, match="max_objects must be a positive integer"):
+      function(source, **{**kwargs, "max_objects": 0})
   with pytest.raises(ValueError, match="Unknown augmentation.*'flip'.*known: photometric, random_translate"):
     pipeline.train_batches(source, global_batch_size=8, seed=0, features=("image",),
                            augment=("flip",), process_index=0, process_count=1)

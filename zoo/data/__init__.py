@@ -59,7 +59,7 @@ def load_data_source(name: str, split: str, *, data_dir: str | None = None):
       # tfds.data_source would download and prepare it here; the user does that, knowingly.
       raise ValueError(
           f"Dataset {name!r} is not prepared in {builder.data_dir}. Prepare it once with "
-          f"`tfds build {dataset} --file_format=array_record"
+          f"`tfds build {name} --file_format=array_record"
           f"{f' --data_dir={data_dir}' if data_dir else ''}` (random access needs array_record).")
   splits = builder.info.splits
   try:
@@ -95,6 +95,10 @@ def _prepared_builder(builder_class, config: str, data_dir: str | None):
 
 @contextlib.contextmanager
 def _exclusive_lock(path: str):
+  if "://" in path:
+    # An object store (gs://...) has no flock: prepare there once, from one process, first.
+    yield
+    return
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "a") as f:
     fcntl.flock(f, fcntl.LOCK_EX)
