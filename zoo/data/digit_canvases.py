@@ -24,7 +24,7 @@ Features of one example (H = W = `canvas_size`):
 Every object is real: a digit whose visible area would fall below `min_visible_pixels` or
 below `min_visible_fraction` of its own area (because it is small or because a later digit
 covers it) is placed again elsewhere, and dropped after a few tries. Where a digit is
-visible, `segmentation` is its label + 1, so `segmentation` is exactly the union of the
+visible, `segmentation` is its label + 1: it is non-zero exactly on the union of the
 objects' masks.
 
 Splits: train / validation / test draw their digits from DISJOINT subsets of the 1,797
@@ -42,9 +42,12 @@ The source digits, `digits_8x8.npz` beside this file
 ----------------------------------------------------
 `images` (1797, 8, 8) uint8 in 0..16 and `labels` (1797,) uint8 in 0..9: scikit-learn's
 bundled copy of the test set of the UCI "Optical Recognition of Handwritten Digits" data
-set (E. Alpaydin and C. Kaynak, 1998; https://doi.org/10.24432/C50P49; licence CC BY 4.0):
-32x32 bitmaps from 13 writers, each 4x4 block reduced to its count of ink pixels. It was
-produced with scikit-learn 1.9.1 and NumPy 2.4 by
+set (E. Alpaydin and C. Kaynak, 1998;
+https://archive.ics.uci.edu/ml/datasets/Optical+Recognition+of+Handwritten+Digits; licence
+CC BY 4.0 as the UCI repository lists it; scikit-learn, which ships the file as
+`sklearn/datasets/data/digits.csv.gz`, is BSD-3-Clause): 32x32 bitmaps from 13 writers,
+each 4x4 block reduced to its count of ink pixels. It was produced with scikit-learn 1.9.1
+and NumPy 2.4 by
 
     python -c "import numpy as np, sklearn.datasets; d = sklearn.datasets.load_digits();
       np.savez_compressed('zoo/data/digits_8x8.npz', images=d.images.astype(np.uint8),
@@ -156,7 +159,7 @@ class DigitCanvases(tfds.core.GeneratorBasedBuilder):
         supervised_keys=("image", "segmentation"),
         # Record i of a split is example i: evaluation order and `id` agree.
         disable_shuffling=True,
-        homepage="https://doi.org/10.24432/C50P49",
+        homepage="https://archive.ics.uci.edu/ml/datasets/Optical+Recognition+of+Handwritten+Digits",
         license="CC BY 4.0 (the source digits: UCI Optical Recognition of Handwritten Digits)",
     )
 
