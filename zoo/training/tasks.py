@@ -19,6 +19,7 @@ import optax
 
 from zoo import metrics as zoo_metrics
 from zoo.data import IGNORE_LABEL
+from zoo.layers import center_crop
 
 
 class Task(Protocol):
@@ -76,18 +77,6 @@ class SemanticSegmentation:
 
   def predict(self, logits):
     return jnp.argmax(logits, -1)
-
-
-def center_crop(x, size):
-  """The centre (h, w) window of x's axes 1 and 2 (x: (B, H, W, ...), H >= h, W >= w)."""
-  height, width = x.shape[1:3]
-  h, w = size
-  if (h, w) == (height, width):
-    return x
-  if h > height or w > width:
-    raise ValueError(f"Cannot crop {height}x{width} to the larger {h}x{w}.")
-  top, left = (height - h) // 2, (width - w) // 2
-  return x[:, top:top + h, left:left + w]
 
 
 TASKS = {"semantic_segmentation": SemanticSegmentation}
