@@ -1,0 +1,92 @@
+"""What every kernel in this package shares: choosing an implementation, checking arguments.
+
+`implementation` is one of "auto", "xla", "pallas_gpu", "pallas_tpu" (DESIGN.md, "Kernels").
+"auto" takes the Pallas version on a Hopper-or-newer GPU or a TPU and "xla" elsewhere.
+Asking for a Pallas version on a machine without that accelerator runs the same kernel in
+Pallas interpret mode, so it can be checked on a laptop.
+"""
+
+import contextlib
+import contextvars
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
+
+_PALLAS_PLATFORM = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
+_lowering_platform = contextvars.ContextVar("lowering_platform", default=None)
+
+
+@contextlib.contextmanager
+def lowering_for(platform: str):
+  """Traces Pallas kernels for `platform` ("gpu" or "tpu") instead of the local backend.
+
+  For `jax.export.export(..., platforms=["cuda" | "tpu"])` on a machine without that
+  accelerator: inside this context the kernels are lowered for real, not interpreted.
+  """
+  if platform not in ("gpu", "tpu"):
+    raise ValueError(f"lowering_for takes 'gpu' or 'tpu', got {platform!r}.")
+  token = _lowering_platform.set(platform)
+  try:
+    yield
+  finally:
+    _lowering_platform.reset(token)
+
+
+def _local_platform() -> str:
+  return _lowering_platform.get() or jax.default_backend()
+
+
+def _hopper_or_newer() -> bool:
+  if _lowering_platform.get() == "gpu":
+    return True
+  capability = getattr(jax.devices()[0], "compute_capability", "0")
+  return float(capability) >= 9.0
+
+
+def resolve_implementation(implementation: str) -> str:
+  """Returns "xla", "pallas_gpu" or "pallas_tpu" for a requested implementation."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation={implementation!r} is not one of {IMPLEMENTATIONS}.")
+  if implementation != "auto":
+    return implementation
+  platform = _local_platform()
+  if platform == "tpu":
+    return "pallas_tpu"
+  if platform == "gpu" and _hopper_or_newer():
+    return "pallas_gpu"
+  return "xla"
+
+
+def interpret(implementation: str) -> bool:
+  """Whether a Pallas implementation must run in interpret mode on this machine."""
+  return _local_platform() != _PALLAS_PLATFORM[implementation]
+
+
+def pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+  """(h, w) from an int or a pair of positive ints; ValueError naming `name` otherwise."""
+  values = (value, value) if isinstance(value, int) else tuple(value)
+  if len(values) != 2 or not all(isinstance(v, int) and v > 0 for v in values):
+    raise ValueError(f"{name} must be a positive int or a pair of positive ints (h, w), "
+                     f"got {value!r}.")
+  return values
+
+
+def check_box_arguments(features, boxes, box_indices, op: str) -> None:
+  """Checks the (features, boxes, box_indices) triple every RoI op takes."""
+  if jnp.ndim(features) != 4:
+    raise ValueError(f"{op}: features must have rank 4, (N, H, W, C) channels-last, got shape "
+                     f"{jnp.shape(features)}.")
+  if not jnp.issubdtype(jnp.result_type(features), jnp.floating):
+    raise ValueError(f"{op}: features must be floating point, got {jnp.result_type(features)}.")
+  if jnp.ndim(boxes) != 2 or jnp.shape(boxes)[1] != 4:
+    raise ValueError(f"{op}: boxes must have shape (K, 4) as (x1, y1, x2, y2), got shape "
+                     f"{jnp.shape(boxes)}.")
+  if jnp.ndim(box_indices) != 1 or jnp.shape(box_indices)[0] != jnp.shape(boxes)[0]:
+    raise ValueError(f"{op}: box_indices must have shape (K,) = ({jnp.shape(boxes)[0]},), one "
+                     f"batch index per box, got shape {jnp.shape(box_indices)}.")
+  if not jnp.issubdtype(jnp.result_type(box_indices), jnp.integer):
+    raise ValueError(f"{op}: box_indices must be integers (batch index of each box), got "
+                     f"{jnp.result_type(box_indices)}.")
