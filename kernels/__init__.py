@@ -1,5 +1,13 @@
-"""Pallas kernels with XLA references: RoIAlign/RoIPool, shifted-window attention, dense-CRF mean field.
+"""Pallas kernels with XLA references: RoIAlign/RoIPool/SPP (shifted-window attention and
+dense-CRF mean field follow).
 
 Each kernel is one public function with ``implementation="auto" | "xla" | "pallas_gpu" | "pallas_tpu"``
 (see DESIGN.md, "Kernels"). This package imports only jax.
 """
+
+from kernels._common import lowering_for
+from kernels.roi_align import BlockSizes, fpn_levels, multilevel_roi_align, roi_align
+from kernels.roi_pool import roi_pool, spatial_pyramid_pool
+
+__all__ = ["BlockSizes", "fpn_levels", "lowering_for", "multilevel_roi_align", "roi_align",
+           "roi_pool", "spatial_pyramid_pool"]

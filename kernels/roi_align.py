@@ -540,3 +540,58 @@ def roi_align(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
   static = _Static(tuple(features.shape), jnp.dtype(features.dtype), out_h, out_w, implementation,
                    block_sizes)
   return _roi_align(static, features, geometry)
+
+
+def fpn_levels(boxes, min_level, max_level, canonical_box_size=224, canonical_level=4):
+  """FPN level of each box (K,) int32, as detectron2's assign_boxes_to_levels.
+
+  floor(canonical_level + log2(sqrt(area) / canonical_box_size + 1e-8)) clamped to
+  [min_level, max_level], area = (x2 - x1) * (y2 - y1) in image pixels (Lin et al. 2017, eq. 1).
+  """
+  boxes = lax.stop_gradient(boxes).astype(jnp.float32)
+  area = jnp.maximum((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 0.0)
+  level = jnp.floor(canonical_level + jnp.log2(jnp.sqrt(area) / canonical_box_size + 1e-8))
+  return jnp.clip(level, min_level, max_level).astype(jnp.int32)
+
+
+def multilevel_roi_align(features_per_level: Sequence[jax.Array], boxes: jax.Array,
+                         box_indices: jax.Array, output_size: int | Sequence[int], *,
+                         strides: Sequence[int], canonical_box_size: float = 224,
+                         canonical_level: int = 4, sampling_ratio: int = 0, aligned: bool = True,
+                         implementation: str = "auto",
+                         block_sizes: BlockSizes = BlockSizes()) -> jax.Array:
+  """RoIAlign over an FPN: each box is pooled from the level its size selects (detectron2's ROIPooler).
+
+  Args:
+    features_per_level: one (N, H_l, W_l, C) map per level, finest first.
+    boxes, box_indices, output_size, sampling_ratio, aligned, implementation: as `roi_align`.
+    strides: the levels' strides in input pixels, powers of two increasing by 2x, e.g.
+      (4, 8, 16, 32) for P2-P5; level l has stride 2**l.
+    canonical_box_size, canonical_level: a box of this size (pixels) maps to this level.
+
+  Returns:
+    (K, out_h, out_w, C). Static shapes: every level runs over all K boxes with the boxes
+    of other levels inactive, which the Pallas kernels skip at no cost.
+  """
+  features_per_level = list(features_per_level)
+  strides = tuple(strides)
+  if not features_per_level or len(features_per_level) != len(strides):
+    raise ValueError(f"multilevel_roi_align: got {len(features_per_level)} feature maps and "
+                     f"{len(strides)} strides; pass one stride per level.")
+  levels = [math.log2(s) if s > 0 else float("nan") for s in strides]
+  if not all(l == int(l) for l in levels) or any(b - a != 1 for a, b in zip(levels, levels[1:])):
+    raise ValueError(f"multilevel_roi_align: strides must be consecutive powers of two, finest "
+                     f"first (e.g. (4, 8, 16, 32)), got {strides}.")
+  channels = {f.shape[-1] if jnp.ndim(f) == 4 else None for f in features_per_level}
+  if len(channels) != 1 or None in channels:
+    raise ValueError("multilevel_roi_align: every level must be (N, H_l, W_l, C) with the same N "
+                     f"and C, got shapes {[jnp.shape(f) for f in features_per_level]}.")
+  min_level = int(levels[0])
+  assigned = fpn_levels(boxes, min_level, int(levels[-1]), canonical_box_size, canonical_level)
+  pooled = None
+  for i, (features, stride) in enumerate(zip(features_per_level, strides)):
+    out = roi_align(features, boxes, box_indices, output_size, spatial_scale=1.0 / stride,
+                    sampling_ratio=sampling_ratio, aligned=aligned, implementation=implementation,
+                    block_sizes=block_sizes, active=assigned == min_level + i)
+    pooled = out if pooled is None else pooled + out
+  return pooled

@@ -1,0 +1,159 @@
+"""RoI max pooling (Girshick 2015, Fast R-CNN) and SPPnet's spatial pyramid pooling (He et al. 2014).
+
+The semantics are torchvision's `roi_pool` kernels (csrc/ops/cpu/roi_pool_kernel.cpp),
+channels-last: box corners are rounded to cells (half away from zero), the box is at least
+1x1 cell and its width is inclusive (end - start + 1); bin (ph, pw) covers rows
+[floor(ph * bin_h), ceil((ph + 1) * bin_h)) + start_h clipped to [0, H] (columns likewise);
+an empty bin gives 0; otherwise the maximum, found in row-major order with a strict '>', so
+the gradient goes to the first maximum.
+"""
+
+from collections.abc import Sequence
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from kernels import _common
+
+_LOWEST = float(jnp.finfo(jnp.float32).min)  # torchvision's -FLT_MAX start value
+
+
+class BinBounds(NamedTuple):
+  """Per-box bin boundaries in cells, int32: rows [h_start, h_end) (K, out_h), columns (K, out_w)."""
+  batch: jax.Array
+  h_start: jax.Array
+  h_end: jax.Array
+  w_start: jax.Array
+  w_end: jax.Array
+
+
+def _round_half_away(x):
+  return jnp.sign(x) * jnp.floor(jnp.abs(x) + 0.5)
+
+
+def bin_bounds(boxes, box_indices, shape, output_size, spatial_scale) -> BinBounds:
+  """torchvision's roi_pool bin arithmetic (float32 box sizes, int cells)."""
+  _, height, width, _ = shape
+  out_h, out_w = output_size
+  corners = _round_half_away(lax.stop_gradient(boxes).astype(jnp.float32) * jnp.float32(spatial_scale))
+  corners = corners.astype(jnp.int32)
+  x1, y1, x2, y2 = (corners[:, i] for i in range(4))
+
+  def axis(start, end, n_out, size):
+    bin_size = jnp.maximum(end - start + 1, 1).astype(jnp.float32) / n_out
+    p = jnp.arange(n_out, dtype=jnp.float32)
+    lo = jnp.floor(p * bin_size[:, None]).astype(jnp.int32) + start[:, None]
+    hi = jnp.ceil((p + 1) * bin_size[:, None]).astype(jnp.int32) + start[:, None]
+    return jnp.clip(lo, 0, size), jnp.clip(hi, 0, size)
+
+  h_start, h_end = axis(y1, y2, out_h, height)
+  w_start, w_end = axis(x1, x2, out_w, width)
+  batch = jnp.clip(box_indices.astype(jnp.int32), 0, shape[0] - 1)
+  return BinBounds(batch, h_start, h_end, w_start, w_end)
+
+
+def _xla_forward(features, bounds: BinBounds):
+  """Max (K, out_h, out_w, C) float32 and its flat index into (N*H*W) (-1: none), first maximum."""
+  n, h, w, c = features.shape
+  flat = features.reshape(n * h * w, c)
+  b = bounds
+  k, out_h = b.h_start.shape
+  out_w = b.w_start.shape[1]
+  max_h = jnp.maximum(jnp.max(b.h_end - b.h_start, initial=0), 0)
+  max_w = jnp.maximum(jnp.max(b.w_end - b.w_start, initial=0), 0)
+  empty = ((b.h_end <= b.h_start)[:, :, None] | (b.w_end <= b.w_start)[:, None, :])[..., None]
+
+  def step(t, carry):
+    best, where_best = carry
+    y = b.h_start + t // jnp.maximum(max_w, 1)  # row-major over each bin: rows outer
+    x = b.w_start + t % jnp.maximum(max_w, 1)
+    inside = (y < b.h_end)[:, :, None] & (x < b.w_end)[:, None, :]
+    index = (b.batch[:, None, None] * h + jnp.minimum(y, h - 1)[:, :, None]) * w + jnp.minimum(x, w - 1)[:, None, :]
+    value = flat[index].astype(jnp.float32)
+    better = inside[..., None] & (value > best)
+    return jnp.where(better, value, best), jnp.where(better, index[..., None], where_best)
+
+  init = (jnp.full((k, out_h, out_w, c), _LOWEST, jnp.float32),
+          jnp.full((k, out_h, out_w, c), -1, jnp.int32))
+  best, where_best = lax.fori_loop(0, max_h * max_w, step, init)
+  return jnp.where(empty, 0.0, best), jnp.where(empty, -1, where_best)
+
+
+def _xla_backward(shape, dtype, argmax, grad_out):
+  """Feature gradient: each output's gradient added at its first maximum (a scatter-add)."""
+  n, h, w, c = shape
+  channel = jnp.broadcast_to(jnp.arange(c), argmax.shape)
+  target = jnp.where(argmax >= 0, argmax, n * h * w)  # -1 (empty bin) goes to a dropped row
+  grad = jnp.zeros((n * h * w + 1, c), jnp.float32)
+  grad = grad.at[target.reshape(-1), channel.reshape(-1)].add(grad_out.astype(jnp.float32).reshape(-1))
+  return grad[:-1].reshape(shape).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _roi_pool(static, features, bounds):
+  return _xla_forward(features, bounds)[0].astype(features.dtype)
+
+
+def _roi_pool_fwd(static, features, bounds):
+  best, argmax = _xla_forward(features, bounds)
+  return best.astype(features.dtype), (argmax, bounds)
+
+
+def _roi_pool_bwd(static, residuals, grad_out):
+  argmax, bounds = residuals
+  shape, dtype = static
+  return _xla_backward(shape, dtype, argmax, grad_out), jax.tree.map(jnp.zeros_like, bounds)
+
+
+_roi_pool.defvjp(_roi_pool_fwd, _roi_pool_bwd)
+
+
+def roi_pool(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
+             output_size: int | Sequence[int], *, spatial_scale: float = 1.0,
+             implementation: str = "auto") -> jax.Array:
+  """RoI max pooling, torchvision's kernels channels-last.
+
+  Args:
+    features: (N, H, W, C) float32 or bfloat16.
+    boxes: (K, 4) float (x1, y1, x2, y2) in input-image pixels.
+    box_indices: (K,) int32 image of each box.
+    output_size: out_h = out_w, or (out_h, out_w).
+    spatial_scale: feature cells per input pixel (1 / stride).
+    implementation: "auto", "xla", "pallas_gpu" or "pallas_tpu". Every one runs the XLA
+      formulation (a loop over the cells of the largest bin, memory K x out_h x out_w x C):
+      max pooling is gather-and-compare bound, with nothing for a matrix unit to do.
+
+  Returns:
+    (K, out_h, out_w, C) in the features' dtype. The gradient goes to each bin's first
+    maximum (a scatter-add; deterministic on CPU and TPU, and on GPU under XLA's
+    deterministic-ops flag).
+  """
+  _common.check_box_arguments(features, boxes, box_indices, "roi_pool")
+  out_h, out_w = _common.pair(output_size, "roi_pool: output_size")
+  _common.resolve_implementation(implementation)
+  bounds = bin_bounds(boxes, box_indices, features.shape, (out_h, out_w), spatial_scale)
+  return _roi_pool((tuple(features.shape), jnp.dtype(features.dtype)), features, bounds)
+
+
+def spatial_pyramid_pool(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
+                         levels: Sequence[int] = (1, 2, 4), *, spatial_scale: float = 1.0,
+                         implementation: str = "auto") -> jax.Array:
+  """SPPnet pooling (He et al. 2014, section 2.3): max pooling of each box at several grids.
+
+  Fast R-CNN's RoI pooling is the one-level case; here each level is `roi_pool` with an
+  l x l output, flattened and concatenated, so every box gives a fixed-length vector.
+
+  Returns:
+    (K, sum(l * l for l in levels) * C): for each level in order, the (l, l, C) bins
+    flattened row-major (bin row, bin column, channel).
+  """
+  levels = tuple(levels)
+  if not levels or not all(isinstance(l, int) and l > 0 for l in levels):
+    raise ValueError(f"spatial_pyramid_pool: levels must be a non-empty sequence of positive ints, "
+                     f"got {levels!r}.")
+  pooled = [roi_pool(features, boxes, box_indices, (l, l), spatial_scale=spatial_scale,
+                     implementation=implementation) for l in levels]
+  return jnp.concatenate([p.reshape(p.shape[0], -1) for p in pooled], axis=1)
