@@ -46,18 +46,24 @@ def _hopper_or_newer() -> bool:
   return float(capability) >= 9.0
 
 
-def resolve_implementation(implementation: str) -> str:
-  """Returns "xla", "pallas_gpu" or "pallas_tpu" for a requested implementation."""
+def resolve_implementation(implementation: str, op: str, available=("xla", "pallas_tpu", "pallas_gpu")) -> str:
+  """Returns "xla", "pallas_gpu" or "pallas_tpu" for a requested implementation of `op`.
+
+  `available` lists the implementations `op` has; "auto" picks among them.
+  """
   if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation={implementation!r} is not one of {IMPLEMENTATIONS}.")
-  if implementation != "auto":
-    return implementation
-  platform = _local_platform()
-  if platform == "tpu":
-    return "pallas_tpu"
-  if platform == "gpu" and _hopper_or_newer():
-    return "pallas_gpu"
-  return "xla"
+    raise ValueError(f"{op}: implementation={implementation!r} is not one of {IMPLEMENTATIONS}.")
+  if implementation == "auto":
+    platform = _local_platform()
+    if platform == "tpu" and "pallas_tpu" in available:
+      return "pallas_tpu"
+    if platform == "gpu" and _hopper_or_newer() and "pallas_gpu" in available:
+      return "pallas_gpu"
+    return "xla"
+  if implementation not in available:
+    raise ValueError(f"{op}: implementation={implementation!r} does not exist yet (this op has "
+                     f"{available}); use 'xla' or 'auto', which runs the fastest one there is.")
+  return implementation
 
 
 def interpret(implementation: str) -> bool:

@@ -401,12 +401,16 @@ def _tpu_backward(shape, dtype, geometry, grad_out, plan: _Plan, interpret: bool
 # Dispatch, batching and differentiation.
 
 
+# No Mosaic GPU kernel yet (see WORKSPACE.md, "Kernels"): on GPUs "auto" runs the XLA version.
+_IMPLEMENTATIONS = ("xla", "pallas_tpu")
+
+
 class _Static(NamedTuple):
   shape: tuple[int, int, int, int]   # features (N, H, W, C)
   dtype: jnp.dtype
   out_h: int
   out_w: int
-  implementation: str                # "xla", "pallas_gpu" or "pallas_tpu"
+  implementation: str                # one of _IMPLEMENTATIONS
   blocks: BlockSizes
 
 
@@ -414,11 +418,7 @@ def _forward_unbatched(static: _Static, features, geometry):
   if static.implementation == "xla":
     return _xla_forward(features, geometry, static.out_h, static.out_w)
   plan = _plan(static.shape, static.out_h, static.out_w, static.blocks)
-  if static.implementation == "pallas_tpu":
-    out = _tpu_forward(features, geometry, plan, _common.interpret("pallas_tpu"))
-  else:
-    from kernels import roi_align_mosaic_gpu
-    out = roi_align_mosaic_gpu.forward(features, geometry, plan, _common.interpret("pallas_gpu"))
+  out = _tpu_forward(features, geometry, plan, _common.interpret("pallas_tpu"))
   m = static.out_h * static.out_w
   return out[:, :m].reshape(-1, static.out_h, static.out_w, static.shape[3])
 
@@ -430,12 +430,8 @@ def _backward_unbatched(static: _Static, geometry, grad_out):
   k, _, _, c = grad_out.shape
   grad_out = grad_out.astype(static.dtype).reshape(k, -1, c)
   grad_out = jnp.pad(grad_out, ((0, 0), (0, plan.bins_pad - grad_out.shape[1]), (0, 0)))
-  if static.implementation == "pallas_tpu":
-    return _tpu_backward(static.shape, static.dtype, geometry, grad_out, plan,
-                         _common.interpret("pallas_tpu"))
-  from kernels import roi_align_mosaic_gpu
-  return roi_align_mosaic_gpu.backward(static.shape, static.dtype, geometry, grad_out, plan,
-                                       _common.interpret("pallas_gpu"))
+  return _tpu_backward(static.shape, static.dtype, geometry, grad_out, plan,
+                       _common.interpret("pallas_tpu"))
 
 
 def _fold_batch(axis_size, features_batched, geometry, geometry_batched, num_images):
@@ -521,7 +517,7 @@ def roi_align(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
     sampling_ratio: samples per bin along each axis; <= 0 means ceil(roi_size / output_size).
     aligned: shift boxes by -0.5 cell (pixel-centre model, ROIAlignV2); False is the
       Mask R-CNN paper's original, which also forces boxes to at least 1x1 cell.
-    implementation: "auto", "xla", "pallas_gpu" or "pallas_tpu".
+    implementation: "auto", "xla" or "pallas_tpu" ("pallas_gpu" is not written yet and raises).
     block_sizes: the Pallas kernels' map tile.
     active: optional (K,) bool; inactive boxes pool nothing (output 0) and cost nothing in the
       Pallas kernels.
@@ -534,7 +530,7 @@ def roi_align(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
   out_h, out_w = _common.pair(output_size, "roi_align: output_size")
   if not isinstance(sampling_ratio, int):
     raise ValueError(f"roi_align: sampling_ratio must be an int (<= 0 for adaptive), got {sampling_ratio!r}.")
-  implementation = _common.resolve_implementation(implementation)
+  implementation = _common.resolve_implementation(implementation, "roi_align", _IMPLEMENTATIONS)
   geometry = box_geometry(boxes, box_indices, features.shape[0], (out_h, out_w), spatial_scale,
                           sampling_ratio, bool(aligned), active)
   static = _Static(tuple(features.shape), jnp.dtype(features.dtype), out_h, out_w, implementation,

@@ -122,9 +122,8 @@ def roi_pool(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
     box_indices: (K,) int32 image of each box.
     output_size: out_h = out_w, or (out_h, out_w).
     spatial_scale: feature cells per input pixel (1 / stride).
-    implementation: "auto", "xla", "pallas_gpu" or "pallas_tpu". Every one runs the XLA
-      formulation (a loop over the cells of the largest bin, memory K x out_h x out_w x C):
-      max pooling is gather-and-compare bound, with nothing for a matrix unit to do.
+    implementation: "auto" or "xla" (a loop over the cells of the largest bin, memory
+      K x out_h x out_w x C); no Pallas version yet, asking for one raises.
 
   Returns:
     (K, out_h, out_w, C) in the features' dtype. The gradient goes to each bin's first
@@ -133,7 +132,7 @@ def roi_pool(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
   """
   _common.check_box_arguments(features, boxes, box_indices, "roi_pool")
   out_h, out_w = _common.pair(output_size, "roi_pool: output_size")
-  _common.resolve_implementation(implementation)
+  _common.resolve_implementation(implementation, "roi_pool", ("xla",))
   bounds = bin_bounds(boxes, box_indices, features.shape, (out_h, out_w), spatial_scale)
   return _roi_pool((tuple(features.shape), jnp.dtype(features.dtype)), features, bounds)
 
