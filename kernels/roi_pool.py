@@ -16,7 +16,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
 from kernels import _common
+from kernels.roi_align import BlockSizes, _plan, _Plan
 
 _LOWEST = float(jnp.finfo(jnp.float32).min)  # torchvision's -FLT_MAX start value
 
@@ -92,19 +96,121 @@ def _xla_backward(shape, dtype, argmax, grad_out):
   return grad[:-1].reshape(shape).astype(dtype)
 
 
+# ---------------------------------------------------------------------------------------------
+# Pallas (Mosaic TPU): per box, walk the map tiles its bins cover; in each tile a bin's maximum
+# is separable (the maximum over its columns, then over its rows), and the first maximum in
+# row-major order wins ties across tiles through the smaller flat index.
+
+
+def _tpu_forward_kernel(spans, h_start, h_end, w_start, w_end, features, best_ref, argmax_ref,
+                        tile, best, argmax, sem, *, plan: _Plan, num_boxes: int):
+  k, c = pl.program_id(0), pl.program_id(1)
+  b, ty0, nty, tx0, ntx = (spans[i * num_boxes + k] for i in range(5))
+  out_h, out_w = plan.out_h, plan.out_w
+  best[...] = jnp.full(best.shape, _LOWEST, jnp.float32)
+  argmax[...] = jnp.full(argmax.shape, -1, jnp.int32)
+  big = jnp.int32(2**30)
+
+  @pl.loop(0, nty * ntx)
+  def _(t):
+    y0 = jnp.minimum((ty0 + t // ntx) * plan.rows, features.shape[1] - plan.rows)
+    x0 = jnp.minimum((tx0 + t % ntx) * plan.cols, features.shape[2] - plan.cols)
+    copy = pltpu.make_async_copy(
+        features.at[b, pl.ds(y0, plan.rows), pl.ds(x0, plan.cols),
+                    pl.ds(c * plan.channels, plan.channels)], tile, sem)
+    copy.start()
+    copy.wait()
+    values = tile[...].astype(jnp.float32)
+    shape3 = (plan.rows, plan.cols, plan.channels)
+    col = x0 + lax.broadcasted_iota(jnp.int32, shape3, 1)
+    row = y0 + lax.broadcasted_iota(jnp.int32, (plan.rows, plan.channels), 0)
+    for q in range(out_w):
+      in_cols = (col >= w_start[k * out_w + q]) & (col < w_end[k * out_w + q])
+      masked = jnp.where(in_cols, values, -jnp.inf)
+      col_max = jnp.max(masked, axis=1)                                    # (rows, C)
+      first_col = jnp.min(jnp.where(in_cols & (masked == col_max[:, None, :]), col, big), axis=1)
+      for p in range(out_h):
+        in_rows = (row >= h_start[k * out_h + p]) & (row < h_end[k * out_h + p])
+        masked_rows = jnp.where(in_rows, col_max, -jnp.inf)
+        tile_max = jnp.max(masked_rows, axis=0, keepdims=True)              # (1, C)
+        at_max = in_rows & (masked_rows == tile_max)
+        first_row = jnp.min(jnp.where(at_max, row, big), axis=0, keepdims=True)
+        first = jnp.min(jnp.where(at_max & (row == first_row), first_row * plan.width + first_col, big),
+                        axis=0, keepdims=True)                              # y * W + x
+        r = p * out_w + q
+        old, old_index = best[pl.ds(r, 1), :], argmax[pl.ds(r, 1), :]
+        # torchvision: strict '>' over a row-major scan from -FLT_MAX; across tiles, equal
+        # maxima keep the one earlier in that scan, i.e. the smaller flat index.
+        take = (tile_max > old) | ((tile_max == old) & (old_index >= 0) & (first < old_index))
+        best[pl.ds(r, 1), :] = jnp.where(take, tile_max, old)
+        argmax[pl.ds(r, 1), :] = jnp.where(take, first, old_index)
+
+  best_ref[...] = best[...]
+  argmax_ref[...] = argmax[...]
+
+
+def _tpu_forward(features, bounds: BinBounds, blocks: BlockSizes, interpret: bool):
+  """Max (K, out_h, out_w, C) float32 and flat index into (N*H*W), as _xla_forward."""
+  n, h, w, c = features.shape
+  k, out_h = bounds.h_start.shape
+  out_w = bounds.w_start.shape[1]
+  plan = _plan(features.shape, out_h, out_w, blocks)
+  features = jnp.pad(features, ((0, 0), (0, max(plan.rows - h, 0)), (0, max(plan.cols - w, 0)), (0, 0)))
+  nonempty = jnp.any(bounds.h_end > bounds.h_start, axis=1) & jnp.any(bounds.w_end > bounds.w_start, axis=1)
+
+  def span(start, end, block):
+    first = jnp.min(start, axis=1) // block
+    return first, jnp.where(nonempty, (jnp.max(end, axis=1) - 1) // block - first + 1, 0)
+
+  ty0, nty = span(bounds.h_start, bounds.h_end, plan.rows)
+  tx0, ntx = span(bounds.w_start, bounds.w_end, plan.cols)
+  spans = jnp.concatenate([bounds.batch, ty0, nty, tx0, ntx]).astype(jnp.int32)
+  tables = [a.reshape(-1).astype(jnp.int32) for a in (bounds.h_start, bounds.h_end, bounds.w_start, bounds.w_end)]
+  out_spec = pl.BlockSpec((None, plan.bins_pad, plan.channels), lambda k, c, *_: (k, 0, c))
+  best, argmax = pl.pallas_call(
+      functools.partial(_tpu_forward_kernel, plan=plan, num_boxes=k),
+      out_shape=(jax.ShapeDtypeStruct((k, plan.bins_pad, c), jnp.float32),
+                 jax.ShapeDtypeStruct((k, plan.bins_pad, c), jnp.int32)),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=5,
+          grid=(k, c // plan.channels),
+          in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
+          out_specs=(out_spec, out_spec),
+          scratch_shapes=[pltpu.VMEM((plan.rows, plan.cols, plan.channels), features.dtype),
+                          pltpu.VMEM((plan.bins_pad, plan.channels), jnp.float32),
+                          pltpu.VMEM((plan.bins_pad, plan.channels), jnp.int32),
+                          pltpu.SemaphoreType.DMA(())]),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+      interpret=pltpu.InterpretParams() if interpret else False,
+  )(spans, *tables, features)
+  m = out_h * out_w
+  best = best[:, :m].reshape(k, out_h, out_w, c)
+  argmax = argmax[:, :m].reshape(k, out_h, out_w, c)
+  empty = ((bounds.h_end <= bounds.h_start)[:, :, None] | (bounds.w_end <= bounds.w_start)[:, None, :])[..., None]
+  flat = jnp.where(argmax >= 0, bounds.batch[:, None, None, None] * (h * w) + argmax, -1)
+  return jnp.where(empty, 0.0, best), jnp.where(empty, -1, flat)
+
+
+def _forward(static, features, bounds):
+  shape, dtype, implementation, blocks = static
+  if implementation == "xla":
+    return _xla_forward(features, bounds)
+  return _tpu_forward(features, bounds, blocks, _common.interpret("pallas_tpu"))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _roi_pool(static, features, bounds):
-  return _xla_forward(features, bounds)[0].astype(features.dtype)
+  return _forward(static, features, bounds)[0].astype(features.dtype)
 
 
 def _roi_pool_fwd(static, features, bounds):
-  best, argmax = _xla_forward(features, bounds)
+  best, argmax = _forward(static, features, bounds)
   return best.astype(features.dtype), (argmax, bounds)
 
 
 def _roi_pool_bwd(static, residuals, grad_out):
   argmax, bounds = residuals
-  shape, dtype = static
+  shape, dtype = static[:2]
   return _xla_backward(shape, dtype, argmax, grad_out), jax.tree.map(jnp.zeros_like, bounds)
 
 
@@ -113,7 +219,7 @@ _roi_pool.defvjp(_roi_pool_fwd, _roi_pool_bwd)
 
 def roi_pool(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
              output_size: int | Sequence[int], *, spatial_scale: float = 1.0,
-             implementation: str = "auto") -> jax.Array:
+             implementation: str = "auto", block_sizes: BlockSizes = BlockSizes()) -> jax.Array:
   """RoI max pooling, torchvision's kernels channels-last.
 
   Args:
@@ -122,8 +228,9 @@ def roi_pool(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
     box_indices: (K,) int32 image of each box.
     output_size: out_h = out_w, or (out_h, out_w).
     spatial_scale: feature cells per input pixel (1 / stride).
-    implementation: "auto" or "xla" (a loop over the cells of the largest bin, memory
-      K x out_h x out_w x C); no Pallas version yet, asking for one raises.
+    implementation: "auto", "xla" (a loop over the cells of the largest bin, memory
+      K x out_h x out_w x C) or "pallas_tpu" ("pallas_gpu" is not written yet and raises).
+    block_sizes: the Pallas kernel's map tile.
 
   Returns:
     (K, out_h, out_w, C) in the features' dtype. The gradient goes to each bin's first
@@ -132,9 +239,10 @@ def roi_pool(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
   """
   _common.check_box_arguments(features, boxes, box_indices, "roi_pool")
   out_h, out_w = _common.pair(output_size, "roi_pool: output_size")
-  _common.resolve_implementation(implementation, "roi_pool", ("xla",))
+  implementation = _common.resolve_implementation(implementation, "roi_pool", ("xla", "pallas_tpu"))
   bounds = bin_bounds(boxes, box_indices, features.shape, (out_h, out_w), spatial_scale)
-  return _roi_pool((tuple(features.shape), jnp.dtype(features.dtype)), features, bounds)
+  static = (tuple(features.shape), jnp.dtype(features.dtype), implementation, block_sizes)
+  return _roi_pool(static, features, bounds)
 
 
 def spatial_pyramid_pool(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,

@@ -64,3 +64,22 @@ def test_auto_picks_pallas_when_lowering_for_tpu_and_xla_on_cpu():
   assert "tpu_custom_call" in module
   cpu = jax.jit(lambda f, b, i: kernels.roi_align(f, b, i, 2)).lower(features, boxes, box_indices)
   assert "tpu_custom_call" not in cpu.as_text()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_roi_pool_and_spp_lower_for_tpu(dtype):
+  features = jax.ShapeDtypeStruct((2, 50, 68, 256), dtype)
+  boxes = jax.ShapeDtypeStruct((32, 4), jnp.float32)
+  box_indices = jax.ShapeDtypeStruct((32,), jnp.int32)
+
+  def loss_and_grad(features, boxes, box_indices):
+    def loss(features):
+      pooled = kernels.roi_pool(features, boxes, box_indices, 7, spatial_scale=0.25,
+                                implementation="pallas_tpu")
+      pyramid = kernels.spatial_pyramid_pool(features, boxes, box_indices, (1, 2, 4),
+                                             implementation="pallas_tpu")
+      return pooled.astype(jnp.float32).sum() + pyramid.astype(jnp.float32).sum()
+    return jax.value_and_grad(loss)(features)
+
+  module = _export_for_tpu(loss_and_grad, features, boxes, box_indices).mlir_module()
+  assert module.count("tpu_custom_call") == 4  # forward kernels; the backward is a scatter-add
