@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
 
@@ -96,3 +97,13 @@ def check_box_arguments(features, boxes, box_indices, op: str) -> None:
   if not jnp.issubdtype(jnp.result_type(box_indices), jnp.integer):
     raise ValueError(f"{op}: box_indices must be integers (batch index of each box), got "
                      f"{jnp.result_type(box_indices)}.")
+
+
+def divide(x: jax.Array, n: int | float) -> jax.Array:
+  """x / n with a true IEEE division, as C++ computes it.
+
+  XLA rewrites a division by a broadcast constant into a multiplication by its reciprocal,
+  which can be an ulp off and then flips ceil() at whole numbers (ceil(21 / 7) became 4).
+  The optimization barrier hides that the divisor is a constant.
+  """
+  return x / lax.optimization_barrier(jnp.full(jnp.shape(x), n, jnp.result_type(x)))

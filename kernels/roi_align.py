@@ -59,13 +59,13 @@ def box_geometry(boxes, box_indices, num_images, output_size, spatial_scale, sam
   roi_w, roi_h = x2 - x1, y2 - y1
   if not aligned:  # torchvision forces malformed RoIs to 1x1 in the legacy mode
     roi_w, roi_h = jnp.maximum(roi_w, 1.0), jnp.maximum(roi_h, 1.0)
-  bin_h, bin_w = roi_h / out_h, roi_w / out_w
+  bin_h, bin_w = _common.divide(roi_h, out_h), _common.divide(roi_w, out_w)
   if sampling_ratio > 0:
     grid_h = jnp.full(boxes.shape[:1], sampling_ratio, jnp.int32)
     grid_w = grid_h
   else:
-    grid_h = jnp.ceil(roi_h / out_h).astype(jnp.int32)
-    grid_w = jnp.ceil(roi_w / out_w).astype(jnp.int32)
+    grid_h = jnp.ceil(bin_h).astype(jnp.int32)
+    grid_w = jnp.ceil(bin_w).astype(jnp.int32)
   if active is not None:
     grid_h = jnp.where(active, grid_h, 0)
     grid_w = jnp.where(active, grid_w, 0)
@@ -526,6 +526,7 @@ def roi_align(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
     (K, out_h, out_w, C) in the features' dtype, accumulated in float32. Differentiable with
     respect to `features` (deterministic backward); boxes get no gradient.
   """
+  features, boxes, box_indices = jnp.asarray(features), jnp.asarray(boxes), jnp.asarray(box_indices)
   _common.check_box_arguments(features, boxes, box_indices, "roi_align")
   out_h, out_w = _common.pair(output_size, "roi_align: output_size")
   if not isinstance(sampling_ratio, int):

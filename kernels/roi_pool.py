@@ -47,7 +47,7 @@ def bin_bounds(boxes, box_indices, shape, output_size, spatial_scale) -> BinBoun
   x1, y1, x2, y2 = (corners[:, i] for i in range(4))
 
   def axis(start, end, n_out, size):
-    bin_size = jnp.maximum(end - start + 1, 1).astype(jnp.float32) / n_out
+    bin_size = _common.divide(jnp.maximum(end - start + 1, 1).astype(jnp.float32), n_out)
     p = jnp.arange(n_out, dtype=jnp.float32)
     lo = jnp.floor(p * bin_size[:, None]).astype(jnp.int32) + start[:, None]
     hi = jnp.ceil((p + 1) * bin_size[:, None]).astype(jnp.int32) + start[:, None]
@@ -237,6 +237,7 @@ def roi_pool(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
     maximum (a scatter-add; deterministic on CPU and TPU, and on GPU under XLA's
     deterministic-ops flag).
   """
+  features, boxes, box_indices = jnp.asarray(features), jnp.asarray(boxes), jnp.asarray(box_indices)
   _common.check_box_arguments(features, boxes, box_indices, "roi_pool")
   out_h, out_w = _common.pair(output_size, "roi_pool: output_size")
   implementation = _common.resolve_implementation(implementation, "roi_pool", ("xla", "pallas_tpu"))
