@@ -435,9 +435,13 @@ def _backward_unbatched(static: _Static, geometry, grad_out):
 
 
 def _fold_batch(axis_size, features_batched, geometry, geometry_batched, num_images):
-  """Folds a vmapped batch into the image axis: geometry (B, K) -> (B*K,) with shifted batch."""
-  if not geometry_batched:
-    geometry = jax.tree.map(lambda a: jnp.broadcast_to(a, (axis_size,) + a.shape), geometry)
+  """Folds a vmapped batch into the image axis: geometry (B, K) -> (B*K,) with shifted batch.
+
+  geometry_batched: a BoxGeometry of bools, which fields carry the mapped axis.
+  """
+  geometry = jax.tree.map(
+      lambda a, batched: a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape),
+      geometry, geometry_batched)
   if features_batched:
     shift = (jnp.arange(axis_size, dtype=jnp.int32) * num_images)[:, None]
     geometry = geometry._replace(batch=geometry.batch + shift)
@@ -453,12 +457,10 @@ def _forward(static: _Static, features, geometry):
 
   @run.def_vmap
   def _(axis_size, in_batched, features, geometry):
-    features_batched, geometry_batched = in_batched[0], any(jax.tree.leaves(in_batched[1]))
-    if not features_batched:  # vmapping over boxes only: one call with every box
-      features_b, n_images = features, static.shape[0]
-    else:
-      features_b, n_images = features.reshape((-1,) + features.shape[2:]), static.shape[0]
-    geometry = _fold_batch(axis_size, features_batched, geometry, geometry_batched, n_images)
+    features_batched, geometry_batched = in_batched
+    # Boxes only: one call with every box. Features too: the images of all maps, one call.
+    features_b = features.reshape((-1,) + features.shape[2:]) if features_batched else features
+    geometry = _fold_batch(axis_size, features_batched, geometry, geometry_batched, static.shape[0])
     inner = static._replace(shape=features_b.shape)
     out = _forward(inner, features_b, geometry)
     return out.reshape((axis_size, -1) + out.shape[1:]), True
@@ -473,7 +475,7 @@ def _backward(static: _Static, geometry, grad_out):
 
   @run.def_vmap
   def _(axis_size, in_batched, geometry, grad_out):
-    geometry_batched, grad_batched = any(jax.tree.leaves(in_batched[0])), in_batched[1]
+    geometry_batched, grad_batched = in_batched
     if not grad_batched:
       grad_out = jnp.broadcast_to(grad_out, (axis_size,) + grad_out.shape)
     n = static.shape[0]
