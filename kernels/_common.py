@@ -60,6 +60,9 @@ def resolve_implementation(implementation: str, op: str, available=("xla", "pall
     if platform == "gpu" and _hopper_or_newer() and "pallas_gpu" in available:
       return "pallas_gpu"
     return "xla"
+  if implementation == "pallas_gpu" and _local_platform() == "gpu" and not _hopper_or_newer():
+    raise ValueError(f"{op}: implementation='pallas_gpu' is a Mosaic GPU kernel for Hopper (sm_90) "
+                     "and newer GPUs; on this GPU use 'xla' (or 'auto').")
   if implementation not in available:
     raise ValueError(f"{op}: implementation={implementation!r} does not exist yet (this op has "
                      f"{available}); use 'xla' or 'auto', which runs the fastest one there is.")

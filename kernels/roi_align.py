@@ -401,8 +401,7 @@ def _tpu_backward(shape, dtype, geometry, grad_out, plan: _Plan, interpret: bool
 # Dispatch, batching and differentiation.
 
 
-# No Mosaic GPU kernel yet (see WORKSPACE.md, "Kernels"): on GPUs "auto" runs the XLA version.
-_IMPLEMENTATIONS = ("xla", "pallas_tpu")
+_IMPLEMENTATIONS = ("xla", "pallas_tpu", "pallas_gpu")
 
 
 class _Static(NamedTuple):
@@ -414,11 +413,24 @@ class _Static(NamedTuple):
   blocks: BlockSizes
 
 
+def _gpu_plan(static: _Static) -> _Plan:
+  from kernels import roi_align_mosaic_gpu
+  bins = static.out_h * static.out_w
+  return _plan(static.shape, static.out_h, static.out_w,
+               roi_align_mosaic_gpu.gpu_block_sizes(static.blocks, bins))
+
+
 def _forward_unbatched(static: _Static, features, geometry):
   if static.implementation == "xla":
     return _xla_forward(features, geometry, static.out_h, static.out_w)
   plan = _plan(static.shape, static.out_h, static.out_w, static.blocks)
-  out = _tpu_forward(features, geometry, plan, _common.interpret("pallas_tpu"))
+  if static.implementation == "pallas_tpu":
+    out = _tpu_forward(features, geometry, plan, _common.interpret("pallas_tpu"))
+  else:
+    from kernels import roi_align_mosaic_gpu  # imports this module's helpers
+    plan = _gpu_plan(static)
+    out = roi_align_mosaic_gpu.forward(features, geometry, plan, _scalar_tables(geometry, plan),
+                                       _common.interpret("pallas_gpu")).astype(features.dtype)
   m = static.out_h * static.out_w
   return out[:, :m].reshape(-1, static.out_h, static.out_w, static.shape[3])
 
@@ -430,8 +442,13 @@ def _backward_unbatched(static: _Static, geometry, grad_out):
   k, _, _, c = grad_out.shape
   grad_out = grad_out.astype(static.dtype).reshape(k, -1, c)
   grad_out = jnp.pad(grad_out, ((0, 0), (0, plan.bins_pad - grad_out.shape[1]), (0, 0)))
-  return _tpu_backward(static.shape, static.dtype, geometry, grad_out, plan,
-                       _common.interpret("pallas_tpu"))
+  if static.implementation == "pallas_tpu":
+    return _tpu_backward(static.shape, static.dtype, geometry, grad_out, plan,
+                         _common.interpret("pallas_tpu"))
+  from kernels import roi_align_mosaic_gpu
+  plan = _gpu_plan(static)
+  return roi_align_mosaic_gpu.backward(static.shape, static.dtype, geometry, grad_out, plan,
+                                       _scalar_tables(geometry, plan), _common.interpret("pallas_gpu"))
 
 
 def _fold_batch(axis_size, features_batched, geometry, geometry_batched, num_images):
@@ -519,7 +536,7 @@ def roi_align(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
     sampling_ratio: samples per bin along each axis; <= 0 means ceil(roi_size / output_size).
     aligned: shift boxes by -0.5 cell (pixel-centre model, ROIAlignV2); False is the
       Mask R-CNN paper's original, which also forces boxes to at least 1x1 cell.
-    implementation: "auto", "xla" or "pallas_tpu" ("pallas_gpu" is not written yet and raises).
+    implementation: "auto", "xla", "pallas_gpu" (Mosaic GPU, Hopper and newer) or "pallas_tpu".
     block_sizes: the Pallas kernels' map tile.
     active: optional (K,) bool; inactive boxes pool nothing (output 0) and cost nothing in the
       Pallas kernels.

@@ -83,3 +83,33 @@ def test_roi_pool_and_spp_lower_for_tpu(dtype):
 
   module = _export_for_tpu(loss_and_grad, features, boxes, box_indices).mlir_module()
   assert module.count("tpu_custom_call") == 4  # forward kernels; the backward is a scatter-add
+
+
+def _export_for_cuda(fn, *args):
+  with kernels.lowering_for("gpu"):
+    return jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape, output_size, sampling_ratio", [
+    ((2, 200, 272, 256), 7, 0),      # Mask R-CNN's box head on P2
+    ((2, 50, 68, 256), 14, 2),       # mask head on P4: width not a multiple of 8
+    ((1, 5, 6, 8), (2, 3), 1),       # a map smaller than one tile, channels below 64
+])
+def test_roi_align_lowers_for_mosaic_gpu_forward_and_backward(dtype, shape, output_size,
+                                                              sampling_ratio):
+  features = jax.ShapeDtypeStruct(shape, dtype)
+  boxes = jax.ShapeDtypeStruct((100, 4), jnp.float32)
+  box_indices = jax.ShapeDtypeStruct((100,), jnp.int32)
+
+  def loss_and_grad(features, boxes, box_indices):
+    def loss(features):
+      out = kernels.roi_align(features, boxes, box_indices, output_size,
+                              sampling_ratio=sampling_ratio, implementation="pallas_gpu")
+      return out.astype(jnp.float32).sum()
+    return jax.value_and_grad(loss)(features)
+
+  exported = _export_for_cuda(loss_and_grad, features, boxes, box_indices)
+  module = exported.mlir_module()
+  assert module.count("custom_call @mosaic_gpu") == 2, "expected one forward and one backward kernel"
+  assert "triton" not in module
