@@ -149,13 +149,10 @@ def _tpu_forward_kernel(spans, h_start, h_end, w_start, w_end, features, best_re
   argmax_ref[...] = argmax[...]
 
 
-def _tpu_forward(features, bounds: BinBounds, blocks: BlockSizes, interpret: bool):
-  """Max (K, out_h, out_w, C) float32 and flat index into (N*H*W), as _xla_forward."""
-  n, h, w, c = features.shape
-  k, out_h = bounds.h_start.shape
-  out_w = bounds.w_start.shape[1]
-  plan = _plan(features.shape, out_h, out_w, blocks)
-  features = jnp.pad(features, ((0, 0), (0, max(plan.rows - h, 0)), (0, max(plan.cols - w, 0)), (0, 0)))
+def _tile_tables(bounds: BinBounds, plan: _Plan):
+  """Scalars for the kernels: spans (5K,) = image, first tile row, tile rows, first tile column,
+  tile columns of each box; and the flattened bin bounds h_start, h_end (K*out_h,), w_start,
+  w_end (K*out_w,), int32."""
   nonempty = jnp.any(bounds.h_end > bounds.h_start, axis=1) & jnp.any(bounds.w_end > bounds.w_start, axis=1)
 
   def span(start, end, block):
@@ -166,6 +163,15 @@ def _tpu_forward(features, bounds: BinBounds, blocks: BlockSizes, interpret: boo
   tx0, ntx = span(bounds.w_start, bounds.w_end, plan.cols)
   spans = jnp.concatenate([bounds.batch, ty0, nty, tx0, ntx]).astype(jnp.int32)
   tables = [a.reshape(-1).astype(jnp.int32) for a in (bounds.h_start, bounds.h_end, bounds.w_start, bounds.w_end)]
+  return spans, tables
+
+
+def _tpu_forward(features, bounds: BinBounds, plan: _Plan, interpret: bool):
+  """Max (K, bins_pad, C) float32 and flat index y * W + x (K, bins_pad, C) int32 (-1: none)."""
+  n, h, w, c = features.shape
+  k = bounds.h_start.shape[0]
+  features = jnp.pad(features, ((0, 0), (0, max(plan.rows - h, 0)), (0, max(plan.cols - w, 0)), (0, 0)))
+  spans, tables = _tile_tables(bounds, plan)
   out_spec = pl.BlockSpec((None, plan.bins_pad, plan.channels), lambda k, c, *_: (k, 0, c))
   best, argmax = pl.pallas_call(
       functools.partial(_tpu_forward_kernel, plan=plan, num_boxes=k),
@@ -183,11 +189,18 @@ def _tpu_forward(features, bounds: BinBounds, blocks: BlockSizes, interpret: boo
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
       interpret=pltpu.InterpretParams() if interpret else False,
   )(spans, *tables, features)
-  m = out_h * out_w
-  best = best[:, :m].reshape(k, out_h, out_w, c)
-  argmax = argmax[:, :m].reshape(k, out_h, out_w, c)
+  return best, argmax
+
+
+def _from_kernel(best, index, bounds: BinBounds, shape):
+  """Kernel outputs (K, >= bins, C) with in-image indices -> _xla_forward's (values, flat index)."""
+  _, h, w, c = shape
+  k, out_h = bounds.h_start.shape
+  out_w = bounds.w_start.shape[1]
+  best = best[:, :out_h * out_w].reshape(k, out_h, out_w, c)
+  index = index[:, :out_h * out_w].reshape(k, out_h, out_w, c)
   empty = ((bounds.h_end <= bounds.h_start)[:, :, None] | (bounds.w_end <= bounds.w_start)[:, None, :])[..., None]
-  flat = jnp.where(argmax >= 0, bounds.batch[:, None, None, None] * (h * w) + argmax, -1)
+  flat = jnp.where(index >= 0, bounds.batch[:, None, None, None] * (h * w) + index, -1)
   return jnp.where(empty, 0.0, best), jnp.where(empty, -1, flat)
 
 
@@ -195,7 +208,14 @@ def _forward(static, features, bounds):
   shape, dtype, implementation, blocks = static
   if implementation == "xla":
     return _xla_forward(features, bounds)
-  return _tpu_forward(features, bounds, blocks, _common.interpret("pallas_tpu"))
+  plan = _plan(features.shape, bounds.h_start.shape[1], bounds.w_start.shape[1], blocks)
+  if implementation == "pallas_tpu":
+    best, index = _tpu_forward(features, bounds, plan, _common.interpret("pallas_tpu"))
+  else:
+    from kernels import roi_pool_mosaic_gpu
+    best, index = roi_pool_mosaic_gpu.forward(features, bounds, plan, _tile_tables(bounds, plan),
+                                              _common.interpret("pallas_gpu"))
+  return _from_kernel(best, index, bounds, features.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -229,7 +249,7 @@ def roi_pool(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
     output_size: out_h = out_w, or (out_h, out_w).
     spatial_scale: feature cells per input pixel (1 / stride).
     implementation: "auto", "xla" (a loop over the cells of the largest bin, memory
-      K x out_h x out_w x C) or "pallas_tpu" ("pallas_gpu" is not written yet and raises).
+      K x out_h x out_w x C), "pallas_gpu" (Mosaic GPU, Hopper and newer) or "pallas_tpu".
     block_sizes: the Pallas kernel's map tile.
 
   Returns:
@@ -240,7 +260,7 @@ def roi_pool(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
   features, boxes, box_indices = jnp.asarray(features), jnp.asarray(boxes), jnp.asarray(box_indices)
   _common.check_box_arguments(features, boxes, box_indices, "roi_pool")
   out_h, out_w = _common.pair(output_size, "roi_pool: output_size")
-  implementation = _common.resolve_implementation(implementation, "roi_pool", ("xla", "pallas_tpu"))
+  implementation = _common.resolve_implementation(implementation, "roi_pool", ("xla", "pallas_tpu", "pallas_gpu"))
   bounds = bin_bounds(boxes, box_indices, features.shape, (out_h, out_w), spatial_scale)
   static = (tuple(features.shape), jnp.dtype(features.dtype), implementation, block_sizes)
   return _roi_pool(static, features, bounds)

@@ -113,3 +113,22 @@ def test_roi_align_lowers_for_mosaic_gpu_forward_and_backward(dtype, shape, outp
   module = exported.mlir_module()
   assert module.count("custom_call @mosaic_gpu") == 2, "expected one forward and one backward kernel"
   assert "triton" not in module
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_roi_pool_and_spp_lower_for_mosaic_gpu(dtype):
+  features = jax.ShapeDtypeStruct((2, 50, 68, 256), dtype)
+  boxes = jax.ShapeDtypeStruct((32, 4), jnp.float32)
+  box_indices = jax.ShapeDtypeStruct((32,), jnp.int32)
+
+  def loss_and_grad(features, boxes, box_indices):
+    def loss(features):
+      pooled = kernels.roi_pool(features, boxes, box_indices, 7, spatial_scale=0.25,
+                                implementation="pallas_gpu")
+      pyramid = kernels.spatial_pyramid_pool(features, boxes, box_indices, (1, 2, 4),
+                                             implementation="pallas_gpu")
+      return pooled.astype(jnp.float32).sum() + pyramid.astype(jnp.float32).sum()
+    return jax.value_and_grad(loss)(features)
+
+  module = _export_for_cuda(loss_and_grad, features, boxes, box_indices).mlir_module()
+  assert module.count("custom_call @mosaic_gpu") == 4  # forward kernels; the backward is a scatter-add

@@ -1,0 +1,101 @@
+"""RoI max pooling for Hopper GPUs in Pallas Mosaic GPU.
+
+One program per (box, channel block) walks the map tiles the box's bins cover, as the TPU
+kernel in `kernels/roi_pool.py` does: TMA copies a tile's rows into shared memory, then every
+bin scans its cells inside the tile in row-major order, one channel vector per cell, keeping
+the running maximum and its flat index in shared memory. Across tiles an equal maximum keeps
+the smaller flat index, so the result is torchvision's first maximum; the backward pass is
+the XLA scatter-add at those indices (`kernels.roi_pool`).
+"""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels.roi_align_mosaic_gpu import _InterpretParams, _round_up
+
+_LOWEST = float(jnp.finfo(jnp.float32).min)
+_MAX_BINS = 256  # a TMA box has at most 256 rows
+
+
+def forward(features, bounds, plan, tile_tables, interpret: bool):
+  """Max (K, bins, C) float32 and flat index y * W + x (K, bins, C) int32 (-1: none).
+
+  tile_tables: (spans, bin bound tables) from `kernels.roi_pool._tile_tables`.
+  """
+  spans, tables = tile_tables
+  n, h, w, c = features.shape
+  k, out_h = bounds.h_start.shape
+  out_w = bounds.w_start.shape[1]
+  bins = out_h * out_w
+  if bins > _MAX_BINS:
+    raise ValueError(f"roi_pool: implementation='pallas_gpu' takes at most {_MAX_BINS} bins, got "
+                     f"{out_h}x{out_w}; use implementation='xla'.")
+  padded_c = _round_up(c, 64)
+  block = 128 if padded_c % 128 == 0 else 64
+  features = jnp.pad(features, ((0, 0), (0, max(plan.rows - h, 0)), (0, max(plan.cols - w, 0)),
+                                (0, padded_c - c)))
+  map_h, map_w = features.shape[1:3]
+  def kernel(spans, h_start, h_end, w_start, w_end, source, best_out, index_out,
+             tile, best, index, barriers):
+    box, cb = lax.axis_index("box"), lax.axis_index("channels")
+    b, first_ty, num_ty, first_tx, num_tx = (spans[i * k + box] for i in range(5))
+
+    @pl.loop(0, bins)
+    def _(r):
+      best[pl.ds(r, 1), :] = jnp.full((1, block), _LOWEST, jnp.float32)
+      index[pl.ds(r, 1), :] = jnp.full((1, block), -1, jnp.int32)
+
+    @pl.loop(0, num_ty * num_tx)
+    def _(t):
+      y_own = (first_ty + t // num_tx) * plan.rows
+      x_own = (first_tx + t % num_tx) * plan.cols
+      y0, x0 = jnp.minimum(y_own, map_h - plan.rows), jnp.minimum(x_own, map_w - plan.cols)
+      for row in range(plan.rows):
+        plgpu.copy_gmem_to_smem(source.at[b, y0 + row, pl.ds(x0, plan.cols), pl.ds(cb * block, block)],
+                                tile.at[pl.ds(row * plan.cols, plan.cols)], barriers.at[row])
+      for row in range(plan.rows):
+        plgpu.barrier_wait(barriers.at[row])
+
+      @pl.loop(0, bins)
+      def _(r):
+        ph, pw = r // out_w, r % out_w
+        # The bin's cells inside the part of the tile this tile owns, in row-major order.
+        y_lo = jnp.maximum(h_start[box * out_h + ph], y_own)
+        y_hi = jnp.minimum(h_end[box * out_h + ph], y_own + plan.rows)
+        x_lo = jnp.maximum(w_start[box * out_w + pw], x_own)
+        x_hi = jnp.minimum(w_end[box * out_w + pw], x_own + plan.cols)
+
+        @pl.loop(y_lo, jnp.maximum(y_hi, y_lo))
+        def _(y):
+          @pl.loop(x_lo, jnp.maximum(x_hi, x_lo))
+          def _(x):
+            value = tile[pl.ds((y - y0) * plan.cols + (x - x0), 1), :].astype(jnp.float32)
+            old, old_index = best[pl.ds(r, 1), :], index[pl.ds(r, 1), :]
+            flat = y * w + x
+            # torchvision: strict '>' in row-major order; an equal maximum from an earlier
+            # tile keeps its smaller flat index.
+            take = (value > old) | ((value == old) & (old_index >= 0) & (flat < old_index))
+            best[pl.ds(r, 1), :] = jnp.where(take, value, old)
+            index[pl.ds(r, 1), :] = jnp.where(take, flat, old_index)
+
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(best, best_out.at[box, :, pl.ds(cb * block, block)])
+    plgpu.copy_smem_to_gmem(index, index_out.at[box, :, pl.ds(cb * block, block)])
+    plgpu.wait_smem_to_gmem(0)
+
+  best, index = plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct((k, bins, padded_c), jnp.float32),
+                jax.ShapeDtypeStruct((k, bins, padded_c), jnp.int32)),
+      grid=(k, padded_c // block),
+      grid_names=("box", "channels"),
+      scratch_types=[plgpu.SMEM((plan.rows * plan.cols, block), features.dtype),
+                     plgpu.SMEM((bins, block), jnp.float32),
+                     plgpu.SMEM((bins, block), jnp.int32),
+                     plgpu.Barrier(num_barriers=plan.rows)],
+      interpret=_InterpretParams() if interpret else None,
+  )(spans, *tables, features)
+  return best[:, :, :c], index[:, :, :c]
