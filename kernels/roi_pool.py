@@ -230,8 +230,18 @@ def _roi_pool_fwd(static, features, bounds):
 
 def _roi_pool_bwd(static, residuals, grad_out):
   argmax, bounds = residuals
-  shape, dtype = static[:2]
-  return _xla_backward(shape, dtype, argmax, grad_out), jax.tree.map(jnp.zeros_like, bounds)
+  shape, dtype, implementation, blocks = static
+  if implementation == "pallas_gpu":  # XLA's GPU scatter-add would use atomics
+    from kernels import roi_pool_mosaic_gpu
+    k, out_h, out_w, c = grad_out.shape
+    plan = _plan(shape, out_h, out_w, blocks)
+    in_image = jnp.where(argmax >= 0, argmax - bounds.batch[:, None, None, None] * (shape[1] * shape[2]), -1)
+    grad = roi_pool_mosaic_gpu.backward(
+        shape, dtype, bounds, plan, _tile_tables(bounds, plan), in_image.reshape(k, -1, c),
+        grad_out.reshape(k, -1, c), _common.interpret("pallas_gpu"))
+  else:
+    grad = _xla_backward(shape, dtype, argmax, grad_out)
+  return grad, jax.tree.map(jnp.zeros_like, bounds)
 
 
 _roi_pool.defvjp(_roi_pool_fwd, _roi_pool_bwd)
@@ -254,8 +264,9 @@ def roi_pool(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
 
   Returns:
     (K, out_h, out_w, C) in the features' dtype. The gradient goes to each bin's first
-    maximum (a scatter-add; deterministic on CPU and TPU, and on GPU under XLA's
-    deterministic-ops flag).
+    maximum: a scatter-add for "xla" and "pallas_tpu" (deterministic on CPU and TPU, and
+    on GPU under XLA's deterministic-ops flag), a gather kernel without atomics for
+    "pallas_gpu".
   """
   features, boxes, box_indices = jnp.asarray(features), jnp.asarray(boxes), jnp.asarray(box_indices)
   _common.check_box_arguments(features, boxes, box_indices, "roi_pool")

@@ -99,3 +99,86 @@ def forward(features, bounds, plan, tile_tables, interpret: bool):
       interpret=_InterpretParams() if interpret else None,
   )(spans, *tables, features)
   return best[:, :, :c], index[:, :, :c]
+
+
+def backward(shape, dtype, bounds, plan, tile_tables, in_image_index, grad_out, interpret: bool):
+  """Feature gradient (N, H, W, C): each output's gradient added at its first maximum.
+
+  in_image_index: (K, bins, C) int32 y * W + x of each output's maximum (-1: empty bin).
+  grad_out: (K, bins, C). One program per (image, channel block, map tile) sums, in a fixed
+  order, the gradients of the image's boxes whose maxima lie in the tile: deterministic,
+  no atomics.
+  """
+  n, h, w, c = shape
+  spans, tables = tile_tables
+  k, bins = in_image_index.shape[:2]
+  out_h, out_w = bounds.h_start.shape[1], bounds.w_start.shape[1]
+  padded_c = _round_up(c, 64)
+  block = 128 if padded_c % 128 == 0 else 64
+  pad = ((0, 0), (0, 0), (0, padded_c - c))
+  in_image_index = jnp.pad(in_image_index, pad, constant_values=-1)
+  grad_out = jnp.pad(grad_out.astype(jnp.float32), pad)
+  order = jnp.argsort(bounds.batch, stable=True).astype(jnp.int32)
+  image_start = jnp.searchsorted(bounds.batch[order], jnp.arange(n + 1), side="left").astype(jnp.int32)
+  tiles_y, tiles_x = plan.padded_height // plan.rows, plan.padded_width // plan.cols
+  cells = plan.rows * plan.cols
+
+  def kernel(spans, h_start, h_end, w_start, w_end, order, image_start, index_ref, grad_out_ref,
+             grad_ref, acc, index, grad, barrier):
+    image, cb = lax.axis_index("image"), lax.axis_index("channels")
+    ty, tx = lax.axis_index("ty"), lax.axis_index("tx")
+    y_own, x_own = ty * plan.rows, tx * plan.cols
+
+    @pl.loop(0, cells)
+    def _(cell):
+      acc[pl.ds(cell, 1), :] = jnp.zeros((1, block), jnp.float32)
+
+    @pl.loop(image_start[image], image_start[image + 1])
+    def _(i):
+      box = order[i]
+      first_ty, num_ty, first_tx, num_tx = (spans[j * k + box] for j in range(1, 5))
+      touches = ((ty >= first_ty) & (ty < first_ty + num_ty)
+                 & (tx >= first_tx) & (tx < first_tx + num_tx))
+
+      @pl.when(touches)
+      def _():
+        channels = pl.ds(cb * block, block)
+        plgpu.copy_gmem_to_smem(index_ref.at[box, :, channels], index, barrier)
+        plgpu.copy_gmem_to_smem(grad_out_ref.at[box, :, channels], grad, barrier)
+        plgpu.barrier_wait(barrier)
+
+        @pl.loop(0, bins)
+        def _(r):
+          ph, pw = r // out_w, r % out_w
+          y_lo = jnp.maximum(h_start[box * out_h + ph], y_own)
+          y_hi = jnp.minimum(h_end[box * out_h + ph], y_own + plan.rows)
+          x_lo = jnp.maximum(w_start[box * out_w + pw], x_own)
+          x_hi = jnp.minimum(w_end[box * out_w + pw], x_own + plan.cols)
+
+          @pl.loop(y_lo, jnp.maximum(y_hi, y_lo))
+          def _(y):
+            @pl.loop(x_lo, jnp.maximum(x_hi, x_lo))
+            def _(x):
+              cell = pl.ds((y - y_own) * plan.cols + (x - x_own), 1)
+              hit = index[pl.ds(r, 1), :] == y * w + x
+              acc[cell, :] = acc[cell, :] + jnp.where(hit, grad[pl.ds(r, 1), :], 0.0)
+
+    plgpu.commit_smem()
+    for row in range(plan.rows):
+      plgpu.copy_smem_to_gmem(acc.at[pl.ds(row * plan.cols, plan.cols)],
+                              grad_ref.at[image, y_own + row, pl.ds(x_own, plan.cols),
+                                          pl.ds(cb * block, block)])
+    plgpu.wait_smem_to_gmem(0)
+
+  grad = plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((n, plan.padded_height, plan.padded_width, padded_c), jnp.float32),
+      grid=(n, padded_c // block, tiles_y, tiles_x),
+      grid_names=("image", "channels", "ty", "tx"),
+      scratch_types=[plgpu.SMEM((cells, block), jnp.float32),
+                     plgpu.SMEM((bins, block), jnp.int32),
+                     plgpu.SMEM((bins, block), jnp.float32),
+                     plgpu.Barrier(num_arrivals=2)],
+      interpret=_InterpretParams() if interpret else None,
+  )(spans, *tables, order, image_start, in_image_index, grad_out)
+  return grad[:, :h, :w, :c].astype(dtype)
