@@ -1,16 +1,13 @@
 """kernels.roi_align and kernels.multilevel_roi_align against a float64 NumPy transcription of
-torchvision's C++ kernels (numpy_reference.py), forward and backward, on fresh random inputs.
+torchvision's C++ kernels (roi_reference.py), forward and backward, on fresh random inputs.
 
 Every implementation is tested; on a CPU the Pallas ones run in interpret mode, which is slow,
 so most of their cases are marked slow (`python -m pytest -m "slow or not slow"`) and the
-default run keeps a few (every kind of box, bfloat16, jit/vmap/grad). An implementation that
-kernels.roi_align refuses as not written yet is skipped, saying so. Each test prints its
+default run keeps a few (every kind of box, bfloat16, jit/vmap/grad). Each test prints its
 random seed (shown when it fails); KERNEL_TEST_SEED=<seed> replays it.
 """
 
 import functools
-import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -18,61 +15,13 @@ import numpy as np
 import pytest
 
 import kernels
-
-
-def _load_reference():
-  """tests/layers has its own numpy_reference module: load ours under a name of its own."""
-  path = pathlib.Path(__file__).with_name("numpy_reference.py")
-  spec = importlib.util.spec_from_file_location("kernels_numpy_reference", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-ref = _load_reference()
-
-IMPLEMENTATIONS = ("xla", "pallas_tpu", "pallas_gpu")
-
-
-@functools.cache
-def not_written(implementation):
-  """kernels.roi_align raises ValueError for an implementation that is not written yet: the
-  message, or None if tracing it works."""
-  try:
-    jax.eval_shape(lambda f, b, i: kernels.roi_align(f, b, i, 1, implementation=implementation),
-                   jnp.zeros((1, 8, 8, 1)), jnp.zeros((1, 4)), jnp.zeros((1,), jnp.int32))
-  except ValueError as error:
-    return str(error)
-  return None
-
-
-@pytest.fixture(autouse=True)
-def skip_implementations_not_written_yet(request):
-  callspec = getattr(request.node, "callspec", None)
-  implementation = callspec.params.get("implementation") if callspec else None
-  if implementation in IMPLEMENTATIONS and not_written(implementation):
-    pytest.skip(f"{implementation} is not written yet ({not_written(implementation)})")
-
-
-def with_implementations(values, pallas_default=()):
-  """pytest params (implementation, *value): every value for "xla"; for the Pallas versions
-  (interpret mode on a CPU) the values not in `pallas_default` are marked slow."""
-  params = []
-  for implementation in IMPLEMENTATIONS:
-    for value in values:
-      value = value if isinstance(value, tuple) else (value,)
-      slow = implementation != "xla" and value not in pallas_default
-      params.append(pytest.param(implementation, *value,
-                                 marks=[pytest.mark.slow] if slow else []))
-  return params
+import roi_reference as ref
+import roi_testing
+from roi_testing import IMPLEMENTATIONS, with_implementations
 
 
 def assert_close(actual, expected, seed, what, rtol=1e-5, atol=1e-5):
-  """allclose with atol relative to the largest expected magnitude (at least 1)."""
-  expected = np.asarray(expected, np.float64)
-  scale = max(1.0, float(np.max(np.abs(expected), initial=0.0)))
-  np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol,
-                             atol=atol * scale, err_msg=f"{what} (random seed {seed})")
+  roi_testing.assert_close(actual, expected, seed, what, rtol, atol)
 
 
 @functools.partial(jax.jit, static_argnames=("output_size", "spatial_scale", "sampling_ratio",
