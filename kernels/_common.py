@@ -25,6 +25,8 @@ def lowering_for(platform: str):
 
   For `jax.export.export(..., platforms=["cuda" | "tpu"])` on a machine without that
   accelerator: inside this context the kernels are lowered for real, not interpreted.
+  jit caches traces without regard to this context, so export functions that are not also
+  jitted outside it.
   """
   if platform not in ("gpu", "tpu"):
     raise ValueError(f"lowering_for takes 'gpu' or 'tpu', got {platform!r}.")

@@ -20,6 +20,18 @@ _LOWEST = float(jnp.finfo(jnp.float32).min)
 _MAX_BINS = 256  # a TMA box has at most 256 rows
 
 
+def _bin_in_tile(tables, box, r, out_h, out_w, y_own, x_own, plan):
+  """Rows [y_lo, y_hi) and columns [x_lo, x_hi) of bin r of `box` inside the tile owned from
+  (y_own, x_own); empty ranges have hi == lo."""
+  h_start, h_end, w_start, w_end = tables
+  ph, pw = r // out_w, r % out_w
+  y_lo = jnp.maximum(h_start[box * out_h + ph], y_own)
+  y_hi = jnp.minimum(h_end[box * out_h + ph], y_own + plan.rows)
+  x_lo = jnp.maximum(w_start[box * out_w + pw], x_own)
+  x_hi = jnp.minimum(w_end[box * out_w + pw], x_own + plan.cols)
+  return y_lo, jnp.maximum(y_hi, y_lo), x_lo, jnp.maximum(x_hi, x_lo)
+
+
 def forward(features, bounds, plan, tile_tables, interpret: bool):
   """Max (K, bins, C) float32 and flat index y * W + x (K, bins, C) int32 (-1: none).
 
@@ -38,8 +50,8 @@ def forward(features, bounds, plan, tile_tables, interpret: bool):
   features = jnp.pad(features, ((0, 0), (0, max(plan.rows - h, 0)), (0, max(plan.cols - w, 0)),
                                 (0, padded_c - c)))
   map_h, map_w = features.shape[1:3]
-  def kernel(spans, h_start, h_end, w_start, w_end, source, best_out, index_out,
-             tile, best, index, barriers):
+  def kernel(spans, *refs):
+    tables, (source, best_out, index_out, tile, best, index, barriers) = refs[:4], refs[4:]
     box, cb = lax.axis_index("box"), lax.axis_index("channels")
     b, first_ty, num_ty, first_tx, num_tx = (spans[i * k + box] for i in range(5))
 
@@ -61,16 +73,11 @@ def forward(features, bounds, plan, tile_tables, interpret: bool):
 
       @pl.loop(0, bins)
       def _(r):
-        ph, pw = r // out_w, r % out_w
-        # The bin's cells inside the part of the tile this tile owns, in row-major order.
-        y_lo = jnp.maximum(h_start[box * out_h + ph], y_own)
-        y_hi = jnp.minimum(h_end[box * out_h + ph], y_own + plan.rows)
-        x_lo = jnp.maximum(w_start[box * out_w + pw], x_own)
-        x_hi = jnp.minimum(w_end[box * out_w + pw], x_own + plan.cols)
+        y_lo, y_hi, x_lo, x_hi = _bin_in_tile(tables, box, r, out_h, out_w, y_own, x_own, plan)
 
-        @pl.loop(y_lo, jnp.maximum(y_hi, y_lo))
+        @pl.loop(y_lo, y_hi)
         def _(y):
-          @pl.loop(x_lo, jnp.maximum(x_hi, x_lo))
+          @pl.loop(x_lo, x_hi)
           def _(x):
             value = tile[pl.ds((y - y0) * plan.cols + (x - x0), 1), :].astype(jnp.float32)
             old, old_index = best[pl.ds(r, 1), :], index[pl.ds(r, 1), :]
@@ -123,8 +130,9 @@ def backward(shape, dtype, bounds, plan, tile_tables, in_image_index, grad_out, 
   tiles_y, tiles_x = plan.padded_height // plan.rows, plan.padded_width // plan.cols
   cells = plan.rows * plan.cols
 
-  def kernel(spans, h_start, h_end, w_start, w_end, order, image_start, index_ref, grad_out_ref,
-             grad_ref, acc, index, grad, barrier):
+  def kernel(spans, *refs):
+    tables, refs = refs[:4], refs[4:]
+    order, image_start, index_ref, grad_out_ref, grad_ref, acc, index, grad, barrier = refs
     image, cb = lax.axis_index("image"), lax.axis_index("channels")
     ty, tx = lax.axis_index("ty"), lax.axis_index("tx")
     y_own, x_own = ty * plan.rows, tx * plan.cols
@@ -149,15 +157,11 @@ def backward(shape, dtype, bounds, plan, tile_tables, in_image_index, grad_out, 
 
         @pl.loop(0, bins)
         def _(r):
-          ph, pw = r // out_w, r % out_w
-          y_lo = jnp.maximum(h_start[box * out_h + ph], y_own)
-          y_hi = jnp.minimum(h_end[box * out_h + ph], y_own + plan.rows)
-          x_lo = jnp.maximum(w_start[box * out_w + pw], x_own)
-          x_hi = jnp.minimum(w_end[box * out_w + pw], x_own + plan.cols)
+          y_lo, y_hi, x_lo, x_hi = _bin_in_tile(tables, box, r, out_h, out_w, y_own, x_own, plan)
 
-          @pl.loop(y_lo, jnp.maximum(y_hi, y_lo))
+          @pl.loop(y_lo, y_hi)
           def _(y):
-            @pl.loop(x_lo, jnp.maximum(x_hi, x_lo))
+            @pl.loop(x_lo, x_hi)
             def _(x):
               cell = pl.ds((y - y_own) * plan.cols + (x - x_own), 1)
               hit = index[pl.ds(r, 1), :] == y * w + x
