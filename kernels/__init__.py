@@ -1,5 +1,5 @@
-"""Pallas kernels with XLA references: RoIAlign/RoIPool/SPP (shifted-window attention and
-dense-CRF mean field follow).
+"""Pallas kernels with XLA references: RoIAlign/RoIPool/SPP, shifted-window attention
+(XLA only so far; dense-CRF mean field follows).
 
 Each kernel is one public function with ``implementation="auto" | "xla" | "pallas_gpu" | "pallas_tpu"``
 (see DESIGN.md, "Kernels"). This package imports only jax.
@@ -8,6 +8,7 @@ Each kernel is one public function with ``implementation="auto" | "xla" | "palla
 from kernels._common import lowering_for
 from kernels.roi_align import BlockSizes, fpn_levels, multilevel_roi_align, roi_align
 from kernels.roi_pool import roi_pool, spatial_pyramid_pool
+from kernels.window_attention import window_attention
 
 __all__ = ["BlockSizes", "fpn_levels", "lowering_for", "multilevel_roi_align", "roi_align",
-           "roi_pool", "spatial_pyramid_pool"]
+           "roi_pool", "spatial_pyramid_pool", "window_attention"]
