@@ -1,4 +1,3 @@
-"""Transformer models: ViT and Swin."""
+"""Transformer models: ViT (Swin to follow)."""
 
-from zoo.transformers import swin  # noqa: F401  (registers the models)
-from zoo.transformers import vit  # noqa: F401
+from zoo.transformers import vit  # noqa: F401  (registers the models)
