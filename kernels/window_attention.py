@@ -121,7 +121,7 @@ def _check_arguments(qkv, table, num_heads, window_size, shift):
   if not jnp.issubdtype(jnp.result_type(qkv), jnp.floating):
     raise ValueError(f"{op}: qkv must be floating point, got {jnp.result_type(qkv)}.")
   _, height, width, channels = jnp.shape(qkv)
-  if channels % (3 * num_heads):
+  if channels == 0 or channels % (3 * num_heads):
     raise ValueError(f"{op}: qkv's last dimension ({channels}) must be 3 * num_heads * head_dim "
                      f"([q | k | v], heads contiguous) with num_heads={num_heads}.")
   if height % window_size or width % window_size:
