@@ -79,7 +79,56 @@ class SemanticSegmentation:
     return jnp.argmax(logits, -1)
 
 
-TASKS = {"semantic_segmentation": SemanticSegmentation}
+class MultiLabelClassification:
+  """Which classes appear in the image: one sigmoid per class, binary cross-entropy.
+
+  Targets are the multi-hot set of the valid objects' labels (a digit canvas holds several
+  digits). Evaluation over a split: exact-set accuracy (every class decided right at 0.5),
+  per-decision accuracy, and micro precision/recall/F1.
+  """
+
+  features = ("image", "labels", "objects_valid")
+
+  def __init__(self, num_classes: int):
+    self.num_classes = num_classes
+
+  def _targets(self, batch):
+    """(B, num_classes) float32 multi-hot."""
+    hot = jax.nn.one_hot(batch["labels"], self.num_classes) * batch["objects_valid"][..., None]
+    return jnp.max(hot, axis=1)
+
+  def loss(self, logits, batch):
+    """Mean binary cross-entropy. logits: (B, num_classes); batch: labels (B, M), objects_valid (B, M)."""
+    targets = self._targets(batch)
+    logits = logits.astype(jnp.float32)
+    loss = optax.sigmoid_binary_cross_entropy(logits, targets).mean()
+    exact = jnp.all((logits > 0) == (targets > 0.5), axis=-1).mean()
+    return loss, {"loss": loss, "exact_accuracy": exact}
+
+  def eval_sums(self, logits, batch):
+    valid = batch.get("example_valid", jnp.ones(logits.shape[:1], bool))
+    predicted, targets = logits > 0, self._targets(batch) > 0.5
+    count = lambda x: jnp.sum(x * valid[:, None])
+    return {"examples": valid.sum(), "exact": jnp.sum(jnp.all(predicted == targets, -1) & valid),
+            "correct": count(predicted == targets), "tp": count(predicted & targets),
+            "fp": count(predicted & ~targets), "fn": count(~predicted & targets)}
+
+  def summarize(self, sums) -> dict:
+    sums = {k: float(v) for k, v in sums.items()}
+    examples = max(sums["examples"], 1.0)
+    precision = sums["tp"] / max(sums["tp"] + sums["fp"], 1.0)
+    recall = sums["tp"] / max(sums["tp"] + sums["fn"], 1.0)
+    return {"exact_accuracy": sums["exact"] / examples,
+            "decision_accuracy": sums["correct"] / (examples * self.num_classes),
+            "precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / max(precision + recall, 1e-12)}
+
+  def predict(self, logits):
+    return logits > 0
+
+
+TASKS = {"semantic_segmentation": SemanticSegmentation,
+         "multi_label_classification": MultiLabelClassification}
 
 
 def create_task(task_config) -> Task:
