@@ -7,6 +7,7 @@
 """
 
 from zoo.registry import create, hyperparameters, list_models, register_model
+from zoo.weights import load_checkpoint
 
-__all__ = ["create", "hyperparameters", "list_models", "register_model"]
+__all__ = ["create", "hyperparameters", "list_models", "load_checkpoint", "register_model"]
 __version__ = "0.1.0"
