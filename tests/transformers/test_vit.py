@@ -221,3 +221,32 @@ def test_bad_image_sizes_raise_clear_errors():
     VisionTransformer(num_classes=3, classifier="unpooled")
   with pytest.raises(ValueError, match="not divisible by num_heads"):
     zoo.create("vit", hidden_size=10, num_heads=3)
+
+
+@pytest.mark.parametrize("image_size", [(12, 12), (16, 20)])  # the checkpoint's grid; a resized one
+def test_vit_jax_checkpoint_loads_and_reproduces_the_reference(image_size, tmp_path):
+  """A vit_jax-style .npz ('/'-joined names, as vit_jax's checkpoint.save writes them) of random
+  weights for 12x12 images (a square 3x3 grid, as released checkpoints have); loaded at the same or another size it gives the logits of the float64
+  transcription of vit_jax's forward (with the position embeddings resized by scipy directly)."""
+  rng = np.random.default_rng()
+  hyper = dict(patch_size=4, hidden_size=12, mlp_dim=20, num_heads=3, num_layers=2, num_classes=5,
+               classifier="token", representation_size=None)
+  source = VisionTransformer(**hyper)
+  params = _random_params(source, (1, 12, 12, 3), rng)
+  flat = {"/".join(k): np.asarray(v) for k, v in flatten_dict(params).items()}
+  np.savez(tmp_path / "vit.npz", **flat)
+  model, variables = zoo.load_checkpoint(tmp_path / "vit.npz", format="vit_jax",
+                                         image_size=image_size, **hyper)
+  images = rng.standard_normal((2, *image_size, 3)).astype(np.float32)
+  logits, _ = model.apply(variables, images, train=False)
+  posemb = np.asarray(params["Transformer"]["posembed_input"]["pos_embedding"])
+  grid = posemb[0, 1:].reshape(3, 3, -1)
+  zoomed = scipy.ndimage.zoom(grid, (image_size[0] / 12, image_size[1] / 12, 1), order=1)
+  params64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  params64["Transformer"]["posembed_input"]["pos_embedding"] = np.concatenate(
+      [posemb[:, :1], zoomed.reshape(1, -1, posemb.shape[-1])], 1).astype(np.float64)
+  expected, _ = _vit_reference(params64, images, patch=4, classifier="token",
+                               representation_size=None, num_classes=5)
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+  with pytest.raises(ValueError, match="head/kernel: checkpoint \\(12, 5\\) vs model \\(12, 7\\)"):
+    zoo.load_checkpoint(flat, format="vit_jax", image_size=(12, 12), **{**hyper, "num_classes": 7})

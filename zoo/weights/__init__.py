@@ -7,6 +7,12 @@
 Formats so far:
   swin_official  the `model` state dict of microsoft/Swin-Transformer (models/swin_transformer.py);
                  its buffers relative_position_index and attn_mask are recomputed, not read.
+                 Hyper-parameters: those of the `swin` registry constructor (official names).
+  vit_jax        the .npz checkpoints of google-research/vision_transformer ('/'-joined flax
+                 names, which `zoo.transformers.vit` keeps). Hyper-parameters: image_size,
+                 patch_size (int or (h, w)), hidden_size, mlp_dim, num_heads, num_layers,
+                 num_classes, classifier, representation_size; position embeddings are resized
+                 (vit_jax's scipy zoom) when image_size gives another grid than the checkpoint's.
 """
 
 import os
@@ -21,7 +27,7 @@ import numpy as np
 
 from zoo import registry
 
-FORMATS = ("swin_official",)
+FORMATS = ("swin_official", "vit_jax")
 
 
 def _read(source) -> dict[str, np.ndarray]:
@@ -113,9 +119,34 @@ def load_checkpoint(source, *, format: str, **hyperparameters):
   if format not in FORMATS:
     raise ValueError(f"format={format!r} is not one of {FORMATS}.")
   state = _read(source)
+  if format == "vit_jax":
+    return _load_vit_jax(state, **hyperparameters)
   model = registry.create("swin", **hyperparameters)
   size = model.img_size
   expected = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, size, size, model.in_chans)), train=False))["params"]
   params = _convert(state, _swin_official_name, flax.core.unfreeze(expected), format)
+  return model, {"params": params}
+
+
+_POSEMB = "Transformer/posembed_input/pos_embedding"
+
+
+def _load_vit_jax(state, *, image_size, patch_size, hidden_size, mlp_dim, num_heads, num_layers,
+                  num_classes, classifier="token", representation_size=None, **model_options):
+  from zoo.transformers import vit  # the model family this format feeds
+
+  model = registry.create("vit", num_classes=num_classes, patch_size=patch_size,
+                          hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                          mlp_dim=mlp_dim, classifier=classifier,
+                          representation_size=representation_size, **model_options)
+  height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+  patch_h, patch_w = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+  expected = flax.core.unfreeze(jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, height, width, 3)), train=False))["params"])
+  want = flax.traverse_util.flatten_dict(expected)[tuple(_POSEMB.split("/"))].shape
+  if _POSEMB in state and state[_POSEMB].shape != want and state[_POSEMB].shape[-1] == want[-1]:
+    state = {**state, _POSEMB: vit.resize_position_embeddings(
+        state[_POSEMB], (height // patch_h, width // patch_w), class_token=classifier == "token")}
+  params = _convert(state, lambda name: (tuple(name.split("/")), lambda a: a), expected, "vit_jax")
   return model, {"params": params}
