@@ -147,3 +147,14 @@ def test_bad_inputs_name_the_problem(shape, kwargs, message):
   model = SwinTransformer(**kwargs)
   with pytest.raises(ValueError, match=message):
     jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
+
+
+def test_segmenter_gives_input_sized_logits_from_every_stage():
+  model = zoo.create("swin_segmenter", num_classes=11, img_size=32, patch_size=2, embed_dim=12,
+                     depths=(2, 2), num_heads=(3, 3), window_size=4, head_width=8)
+  images = jnp.zeros((2, 32, 32, 3))
+  variables = model.init(jax.random.key(0), images, train=False)
+  logits, aux = model.apply(variables, images, train=False)
+  assert logits.shape == (2, 32, 32, 11)
+  assert [s.shape[1] for s in aux["stages"]] == [16, 8]
+  assert set(variables["params"]) == {"backbone", "lateral_0", "lateral_1", "classifier"}

@@ -233,3 +233,40 @@ def swin_b(img_size=224, num_classes=1000, window_size=7, drop_path_rate=0.5, dt
   return swin(img_size=img_size, num_classes=num_classes, embed_dim=128, depths=(2, 2, 18, 2),
               num_heads=(4, 8, 16, 32), window_size=window_size, drop_path_rate=drop_path_rate,
               dtype=dtype)
+
+
+class SwinSegmenter(nn.Module):
+  """Swin backbone with a light feature-pyramid head for semantic segmentation.
+
+  Every stage output (strides 4, 8, ...) is projected to `head_width` channels (1x1), resized
+  bilinearly to the stride-4 grid and summed; a GELU and a 1x1 classifier give per-cell logits,
+  resized bilinearly to the input. (B, H, W, in_chans) -> (B, H, W, num_classes), aux as
+  SwinTransformer's.
+  """
+  backbone: SwinTransformer
+  num_classes: int
+  head_width: int = 64
+
+  @nn.compact
+  def __call__(self, images, *, train: bool):
+    _, aux = self.backbone(images, train=train)
+    stages = aux["stages"]
+    size = stages[0].shape[1:3]
+    fused = 0.0
+    for i, stage in enumerate(stages):
+      x = nn.Dense(self.head_width, name=f"lateral_{i}")(stage)
+      fused = fused + jax.image.resize(x, x.shape[:1] + size + x.shape[-1:], "bilinear")
+    logits = nn.Dense(self.num_classes, name="classifier")(nn.gelu(fused, approximate=False))
+    logits = jax.image.resize(logits, logits.shape[:1] + images.shape[1:3] + logits.shape[-1:], "bilinear")
+    return logits.astype(jnp.float32), aux
+
+
+@register_model("swin_segmenter")
+def swin_segmenter(num_classes=11, head_width=64, img_size=224, patch_size=4, in_chans=3,
+                   embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7,
+                   mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.1, dtype=jnp.float32):
+  """Swin backbone (official hyper-parameter names) + a feature-pyramid segmentation head."""
+  backbone = swin(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=0,
+                  embed_dim=embed_dim, depths=depths, num_heads=num_heads, window_size=window_size,
+                  mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path_rate=drop_path_rate, dtype=dtype)
+  return SwinSegmenter(backbone, num_classes, head_width)
