@@ -13,6 +13,9 @@ test decision accuracy 0.773 = always answering "absent", exact-set accuracy 0. 
 --config.optimizer.learning_rate=3e-3 --config.model.drop_path_rate=0 the loss reached 0.525,
 still no positive prediction. A transformer from scratch needs far more steps (or a
 pretrained start) on 4,096 images; tuning it is open work.
+`swin.py:segmentation`, same machine and date, 800 steps at ~4 steps/s (3 min 6 s): test mIoU
+0.140, pixel accuracy 0.895 (background IoU 0.95; the digit classes 0.01-0.11): it finds the
+digits but hardly tells them apart yet (the U-Net main job reaches 0.708).
 """
 
 import ml_collections
