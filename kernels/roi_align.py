@@ -266,7 +266,8 @@ def _dot(a, b):
   return jnp.dot(a, b, precision=_HIGHEST, preferred_element_type=jnp.float32)
 
 
-def _tpu_box_params(ints, floats, k, num_boxes):
+def _box_params(ints, floats, k, num_boxes):
+  """Box k's scalars from the SMEM/GMEM tables of `_scalar_tables`, by name."""
   names = ("batch", "grid_h", "grid_w", "ty0", "nty", "tx0", "ntx")
   params = {name: ints[i * num_boxes + k] for i, name in enumerate(names)}
   for i, name in enumerate(("y_start", "bin_h", "x_start", "bin_w")):
@@ -274,10 +275,24 @@ def _tpu_box_params(ints, floats, k, num_boxes):
   return params
 
 
+def _touches(box, ty, tx):
+  """Whether map tile (ty, tx) is among the tiles the box's samples touch."""
+  return ((ty >= box["ty0"]) & (ty < box["ty0"] + box["nty"])
+          & (tx >= box["tx0"]) & (tx < box["tx0"] + box["ntx"]))
+
+
+def _boxes_by_image(batch, num_images):
+  """Box ids sorted by image (stable: a fixed order) and where each image's run starts:
+  order (K,), image_start (N + 1,) int32. The backward kernels loop over one image's boxes."""
+  order = jnp.argsort(batch, stable=True).astype(jnp.int32)
+  image_start = jnp.searchsorted(batch[order], jnp.arange(num_images + 1), side="left")
+  return order, image_start.astype(jnp.int32)
+
+
 def _tpu_forward_kernel(ints, floats, e_p, e_q, e_y, e_x, features, out_ref, tile, acc, sem, *,
                         plan: _Plan, num_boxes: int):
   k, c = pl.program_id(0), pl.program_id(1)
-  box = _tpu_box_params(ints, floats, k, num_boxes)
+  box = _box_params(ints, floats, k, num_boxes)
   acc[...] = jnp.zeros_like(acc)
 
   @pl.loop(0, box["nty"] * box["ntx"])
@@ -343,11 +358,8 @@ def _tpu_backward_kernel(ints, floats, order, image_start, e_pt, e_qt, e_yt, e_x
   @pl.loop(image_start[n], image_start[n + 1])
   def _(j):
     k = order[j]
-    box = _tpu_box_params(ints, floats, k, num_boxes)
-    touches = ((ty >= box["ty0"]) & (ty < box["ty0"] + box["nty"])
-               & (tx >= box["tx0"]) & (tx < box["tx0"] + box["ntx"]))
-
-    @pl.when(touches)
+    box = _box_params(ints, floats, k, num_boxes)
+    @pl.when(_touches(box, ty, tx))
     def _():
       copy = pltpu.make_async_copy(
           grad_out.at[k, :, pl.ds(c * plan.channels, plan.channels)], grad_tile, sem)
@@ -372,8 +384,7 @@ def _tpu_backward(shape, dtype, geometry, grad_out, plan: _Plan, interpret: bool
   n, h, w, c = shape
   num_boxes = geometry.batch.shape[0]
   ints, floats = _scalar_tables(geometry, plan)
-  order = jnp.argsort(geometry.batch, stable=True).astype(jnp.int32)
-  image_start = jnp.searchsorted(geometry.batch[order], jnp.arange(n + 1), side="left").astype(jnp.int32)
+  order, image_start = _boxes_by_image(geometry.batch, n)
   e_p, e_q, e_y, e_x = _expansions(plan)
   e_pt, e_qt, e_yt, e_xt = e_p.T, e_q.T, e_y.T, e_x.T
   full = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)

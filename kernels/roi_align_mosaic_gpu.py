@@ -23,6 +23,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels.roi_align import _box_params, _boxes_by_image, _round_up, _touches
+
 try:  # public from jax 0.11 on
   _InterpretParams = plgpu.InterpretParams
 except AttributeError:
@@ -36,10 +38,6 @@ _SWIZZLE_BYTES = 128
 def _smem_transforms(dtype):
   elements = _SWIZZLE_BYTES // jnp.dtype(dtype).itemsize
   return (plgpu.TilingTransform((8, elements)), plgpu.SwizzleTransform(_SWIZZLE_BYTES))
-
-
-def _round_up(value, multiple):
-  return -(-value // multiple) * multiple
 
 
 def _iota(shape, dimension, interpret):
@@ -73,14 +71,6 @@ def _axis_weight(start, bin_size, grid, bin_index, cell, owned_from, size, n_out
   weights = lax.fori_loop(0, grid, add_sample, _zeros(bin_index.shape, interpret))
   keep = (cell >= owned_from) & (cell < size) & (bin_index < n_out)
   return jnp.where(keep, weights, 0.0) / jnp.maximum(grid_f, 1.0)
-
-
-def _box(ints, floats, k, num_boxes):
-  names = ("batch", "grid_h", "grid_w", "ty0", "nty", "tx0", "ntx")
-  box = {name: ints[i * num_boxes + k] for i, name in enumerate(names)}
-  for i, name in enumerate(("y_start", "bin_h", "x_start", "bin_w")):
-    box[name] = floats[i * num_boxes + k]
-  return box
 
 
 def _weights(box, plan, y0, y_own, x0, x_own, transposed, interpret, first_cell):
@@ -169,7 +159,7 @@ def forward(features, geometry, plan, scalar_tables, interpret: bool):
     tiles, weight_tiles, out_smem, barriers = (scratch[:len(parts)], scratch[len(parts):-2],
                                                scratch[-2], scratch[-1])
     k, cb = lax.axis_index("box"), lax.axis_index("channels")
-    box = _box(ints, floats, k, num_boxes)
+    box = _box_params(ints, floats, k, num_boxes)
 
     def accumulate(acc_ref):
       @pl.loop(0, box["nty"] * box["ntx"])
@@ -223,8 +213,7 @@ def backward(shape, dtype, geometry, grad_out, plan, scalar_tables, interpret: b
   num_parts = 3 if dtype == jnp.float32 else 1
   parts = _parts(grad_out, num_parts)
   ints, floats = scalar_tables
-  order = jnp.argsort(geometry.batch, stable=True).astype(jnp.int32)
-  image_start = jnp.searchsorted(geometry.batch[order], jnp.arange(n + 1), side="left").astype(jnp.int32)
+  order, image_start = _boxes_by_image(geometry.batch, n)
   tiles_y, tiles_x = plan.padded_height // plan.rows, plan.padded_width // plan.cols
 
   def kernel(ints, floats, order, image_start, *refs):
@@ -239,11 +228,8 @@ def backward(shape, dtype, geometry, grad_out, plan, scalar_tables, interpret: b
       @pl.loop(image_start[image], image_start[image + 1])
       def _(i):
         k = order[i]
-        box = _box(ints, floats, k, num_boxes)
-        touches = ((ty >= box["ty0"]) & (ty < box["ty0"] + box["nty"])
-                   & (tx >= box["tx0"]) & (tx < box["tx0"] + box["ntx"]))
-
-        @pl.when(touches)
+        box = _box_params(ints, floats, k, num_boxes)
+        @pl.when(_touches(box, ty, tx))
         def _():
           for source, tile in zip(grad_parts, grad_tiles):
             plgpu.copy_gmem_to_smem(source.at[k, :, pl.ds(cb * block, block)], tile, barrier)

@@ -14,7 +14,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels.roi_align_mosaic_gpu import _InterpretParams, _round_up
+from kernels.roi_align import _boxes_by_image, _round_up
+from kernels.roi_align_mosaic_gpu import _InterpretParams
 
 _LOWEST = float(jnp.finfo(jnp.float32).min)
 _MAX_BINS = 256  # a TMA box has at most 256 rows
@@ -125,8 +126,7 @@ def backward(shape, dtype, bounds, plan, tile_tables, in_image_index, grad_out, 
   pad = ((0, 0), (0, 0), (0, padded_c - c))
   in_image_index = jnp.pad(in_image_index, pad, constant_values=-1)
   grad_out = jnp.pad(grad_out.astype(jnp.float32), pad)
-  order = jnp.argsort(bounds.batch, stable=True).astype(jnp.int32)
-  image_start = jnp.searchsorted(bounds.batch[order], jnp.arange(n + 1), side="left").astype(jnp.int32)
+  order, image_start = _boxes_by_image(bounds.batch, n)
   tiles_y, tiles_x = plan.padded_height // plan.rows, plan.padded_width // plan.cols
   cells = plan.rows * plan.cols
 
