@@ -1,5 +1,6 @@
 """What the RoI kernel tests share: the implementations under test, their parameters, closeness."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -25,3 +26,39 @@ def assert_close(actual, expected, seed, what, rtol, atol):
   scale = max(1.0, float(np.max(np.abs(expected), initial=0.0)))
   np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol,
                              atol=atol * scale, err_msg=f"{what} (random seed {seed})")
+
+
+def assert_backward_bit_equal(backward, features):
+  """backward(features) gives the same bits on two runs and after a second compilation."""
+  first = np.asarray(jax.jit(backward)(features))
+  second = np.asarray(jax.jit(backward)(features))
+  third = np.asarray(jax.jit(lambda f: backward(f) * 1)(features))
+  np.testing.assert_array_equal(first.view(np.uint32), second.view(np.uint32))
+  np.testing.assert_array_equal(first.view(np.uint32), third.view(np.uint32))
+
+
+F = np.zeros((2, 6, 7, 3), np.float32)  # small valid arguments for error tests
+B = np.array([[0, 0, 3, 3], [1, 1, 5, 4]], np.float32)
+I = np.array([0, 1], np.int32)
+
+# (features, boxes, box_indices, output_size, implementation, message regex): bad arguments
+# every RoI op must reject with a ValueError naming the problem.
+BAD_ARGUMENTS = pytest.mark.parametrize(
+    "features, boxes, box_indices, output_size, implementation, match", [
+        (F[0], B, I, 2, "xla", "rank|shape"),
+        (F[None], B, I, 2, "xla", "rank|shape"),
+        (F, B[:, :3], I, 2, "xla", "boxes|shape"),
+        (F, B[0], I, 2, "xla", "boxes|rank|shape"),
+        (F, B, I[:1], 2, "xla", "box_indices"),
+        (F, B, np.array([0, 1, 1], np.int32), 2, "xla", "box_indices"),
+        (F, B, I, 0, "xla", "output_size"),
+        (F, B, I, -3, "xla", "output_size"),
+        (F, B, I, (2, 0), "xla", "output_size"),
+        (F, B, I, (0, 2), "xla", "output_size"),
+        (F, B, I, 2, "cuda", "implementation"),
+        (F, B, I, 2, "gpu", "implementation"),
+        (F, B, I, 2, "pallas", "implementation"),
+    ], ids=["features_rank_3", "features_rank_5", "boxes_k_by_3", "boxes_rank_1",
+            "fewer_indices", "more_indices", "output_size_0", "output_size_negative",
+            "output_width_0", "output_height_0", "implementation_cuda", "implementation_gpu",
+            "implementation_pallas"])

@@ -275,29 +275,10 @@ def test_backward_is_deterministic(rng, implementation):
                                                 implementation=implementation), f)
     return vjp(cotangent)[0]
 
-  first = np.asarray(jax.jit(backward)(features))
-  second = np.asarray(jax.jit(backward)(features))
-  third = np.asarray(jax.jit(lambda f: backward(f) * 1)(features))
-  np.testing.assert_array_equal(first.view(np.uint32), second.view(np.uint32))
-  np.testing.assert_array_equal(first.view(np.uint32), third.view(np.uint32))
+  roi_testing.assert_backward_bit_equal(backward, features)
 
 
-_F = np.zeros((2, 6, 7, 3), np.float32)
-_B = np.array([[0, 0, 3, 3], [1, 1, 5, 4]], np.float32)
-_I = np.array([0, 1], np.int32)
-
-
-@pytest.mark.parametrize("features, boxes, box_indices, output_size, implementation, match", [
-    (_F[0], _B, _I, 2, "xla", "rank|shape"),
-    (_F[None], _B, _I, 2, "xla", "rank|shape"),
-    (_F, _B[:, :3], _I, 2, "xla", "boxes|shape"),
-    (_F, _B[0], _I, 2, "xla", "boxes|rank|shape"),
-    (_F, _B, _I[:1], 2, "xla", "box_indices"),
-    (_F, _B, _I, 0, "xla", "output_size"),
-    (_F, _B, _I, (0, 2), "xla", "output_size"),
-    (_F, _B, _I, 2, "gpu", "implementation"),
-], ids=["features_rank_3", "features_rank_5", "boxes_k_by_3", "boxes_rank_1", "fewer_indices",
-        "output_size_0", "output_height_0", "implementation_gpu"])
+@roi_testing.BAD_ARGUMENTS
 def test_bad_arguments_raise_value_error(features, boxes, box_indices, output_size,
                                          implementation, match):
   with pytest.raises(ValueError, match=match):
@@ -340,7 +321,7 @@ def test_spatial_pyramid_pool_matches_reference(rng, seed, implementation, level
 
 
 def test_spatial_pyramid_pool_bad_arguments_raise_value_error():
-  features, boxes, box_indices = jnp.asarray(_F), jnp.asarray(_B), jnp.asarray(_I)
+  features, boxes, box_indices = jnp.asarray(roi_testing.F), jnp.asarray(roi_testing.B), jnp.asarray(roi_testing.I)
   for levels in ((), (0,), (1, -2)):
     with pytest.raises(ValueError, match="levels"):
       kernels.spatial_pyramid_pool(features, boxes, box_indices, levels)
