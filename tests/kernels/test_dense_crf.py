@@ -1,0 +1,182 @@
+"""kernels.dense_crf against the float64 NumPy brute force in crf_reference.py (every pair of
+pixels, full N x N kernels), forward and gradients (central finite differences of the float64
+reference), on fresh random inputs; the Pallas TPU kernel in interpret mode against both.
+
+Each test prints its random seed (shown when it fails); KERNEL_TEST_SEED=<seed> replays it.
+"""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels
+from tests.kernels import crf_reference
+
+dense_crf_module = importlib.import_module("kernels.dense_crf")
+
+# (batch, height, width, labels, channels, parameters)
+CASES = [
+    # DeepLab's defaults on a 0..255 image: the narrow colour kernel (std 3) separates regions.
+    (2, 7, 9, 3, 3, dict(pos_w=3.0, pos_xy_std=1.0, bi_w=4.0, bi_xy_std=67.0, bi_rgb_std=3.0)),
+    # a wide colour kernel and a short position one: most pairs count.
+    (1, 12, 10, 5, 3, dict(pos_w=0.5, pos_xy_std=2.0, bi_w=0.08, bi_xy_std=4.0, bi_rgb_std=60.0)),
+    # one grey channel in [0, 1].
+    (1, 6, 8, 4, 1, dict(pos_w=2.0, pos_xy_std=0.7, bi_w=3.0, bi_xy_std=3.0, bi_rgb_std=0.2)),
+]
+IDS = ["deeplab-defaults", "wide-colour", "grey"]
+
+
+def random_image(rng, b, h, w, c, scale):
+  """Piecewise-constant regions (a few random colours in random half-planes) plus noise."""
+  rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  image = np.zeros((b, h, w, c))
+  for n in range(b):
+    image[n] = rng.uniform(0, scale, c)
+    for _ in range(2):
+      a, d = rng.normal(size=2), rng.uniform(-1, 1) * (h + w) / 4
+      region = (rows - h / 2) * a[0] + (cols - w / 2) * a[1] > d
+      image[n][region] = rng.uniform(0, scale, c)
+  image += rng.normal(0, scale / 100, image.shape)
+  return image.astype(np.float32)
+
+
+def random_inputs(rng, b, h, w, l, c, params):
+  scale = 1.0 if c == 1 else 255.0
+  logits = rng.normal(0, 2, (b, h, w, l)).astype(np.float32)
+  return logits, random_image(rng, b, h, w, c, scale)
+
+
+def random_compatibility(rng, l):
+  return (1.0 - np.eye(l) + rng.uniform(-0.4, 0.4, (l, l))).astype(np.float32)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_bilateral_filter_matches_brute_force(rng, case):
+  b, h, w, l, c, params = case
+  _, image = random_inputs(rng, b, h, w, l, c, params)
+  q = rng.uniform(0, 1, (b, h, w, l)).astype(np.float32)
+  out = dense_crf_module.bilateral_filter(q, image, bi_xy_std=params["bi_xy_std"],
+                                          bi_rgb_std=params["bi_rgb_std"], implementation="xla")
+  expected = crf_reference.bilateral_filter(q, image, params["bi_xy_std"], params["bi_rgb_std"])
+  np.testing.assert_allclose(out, expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("potts", [True, False], ids=["potts", "compatibility"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_forward_matches_brute_force(rng, case, potts):
+  b, h, w, l, c, params = case
+  logits, image = random_inputs(rng, b, h, w, l, c, params)
+  mu = None if potts else random_compatibility(rng, l)
+  q = kernels.dense_crf(logits, image, iterations=5, compatibility=mu, implementation="xla", **params)
+  expected = crf_reference.dense_crf(logits, image, 5, compatibility=mu, **params)
+  assert q.shape == logits.shape and q.dtype == jnp.float32
+  np.testing.assert_allclose(q, expected, rtol=1e-4, atol=2e-5)
+  np.testing.assert_allclose(np.sum(q, axis=-1), 1.0, atol=1e-5)
+  # The CRF changes the unaries' answer (the test would not notice a missing pairwise term).
+  assert np.abs(expected - crf_reference.softmax(logits.astype(np.float64))).max() > 1e-2
+
+
+def test_query_chunks_and_padding(rng, monkeypatch):
+  """A tiny working-set budget forces several query chunks, the last one padded."""
+  b, h, w, l, c, params = CASES[1]
+  logits, image = random_inputs(rng, b, h, w, l, c, params)
+  expected = crf_reference.dense_crf(logits, image, 3, **params)
+  monkeypatch.setattr(dense_crf_module, "_XLA_BLOCK_ELEMENTS", 16 * h * w)
+  assert dense_crf_module._xla_chunk(h * w, b) == 16
+  q = kernels.dense_crf(logits, image, iterations=3, implementation="xla", **params)
+  np.testing.assert_allclose(q, expected, rtol=1e-4, atol=2e-5)
+
+
+def _loss_weights(rng, shape):
+  return rng.normal(size=shape)
+
+
+@pytest.mark.parametrize("case", CASES[:2], ids=IDS[:2])
+def test_gradients_match_finite_differences(rng, case):
+  b, h, w, l, c, params = case
+  if b > 1:
+    h, w = 5, 6   # keep the reference's finite differences quick
+  logits, image = random_inputs(rng, b, h, w, l, c, params)
+  image = image[:b, :h, :w]
+  mu = random_compatibility(rng, l)
+  weights = _loss_weights(rng, (b, h, w, l))
+  iterations = 4
+  fixed = {k: v for k, v in params.items() if k not in ("pos_w", "bi_w")}
+
+  def loss(logits, pos_w, bi_w, mu):
+    q = kernels.dense_crf(logits, image, iterations=iterations, pos_w=pos_w, bi_w=bi_w,
+                          compatibility=mu, implementation="xla", **fixed)
+    return jnp.sum(q * weights)
+
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(
+      logits, jnp.float32(params["pos_w"]), jnp.float32(params["bi_w"]), mu)
+
+  def reference_loss(logits=logits, pos_w=params["pos_w"], bi_w=params["bi_w"], mu=mu):
+    q = crf_reference.dense_crf(logits, image, iterations, pos_w=pos_w, bi_w=bi_w,
+                                compatibility=mu, **fixed)
+    return float(np.sum(q * weights))
+
+  fd = crf_reference.finite_difference
+  expected = (fd(lambda x: reference_loss(logits=x), logits),
+              fd(lambda x: reference_loss(pos_w=float(x)), params["pos_w"]),
+              fd(lambda x: reference_loss(bi_w=float(x)), params["bi_w"]),
+              fd(lambda x: reference_loss(mu=x), mu))
+  assert np.abs(expected[0]).max() > 1e-3, "saturated CRF: the test would not see wrong gradients"
+  for name, got, want in zip(("logits", "pos_w", "bi_w", "compatibility"), grads, expected):
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * scale, err_msg=name)
+
+
+def test_jit_with_traced_weights_and_zero_iterations(rng):
+  b, h, w, l, c, params = CASES[0]
+  logits, image = random_inputs(rng, b, h, w, l, c, params)
+  fixed = {k: v for k, v in params.items() if k not in ("pos_w", "bi_w")}
+  fn = jax.jit(lambda lo, pw, bw: kernels.dense_crf(lo, image, iterations=2, pos_w=pw, bi_w=bw,
+                                                    implementation="xla", **fixed))
+  np.testing.assert_allclose(fn(logits, 3.0, 4.0),
+                             crf_reference.dense_crf(logits, image, 2, **params), rtol=1e-4, atol=2e-5)
+  q0 = kernels.dense_crf(logits, image, iterations=0)
+  np.testing.assert_allclose(q0, crf_reference.softmax(logits.astype(np.float64)), rtol=1e-5, atol=1e-6)
+
+
+def test_integer_image_and_bfloat16_logits(rng):
+  b, h, w, l, c, params = CASES[0]
+  logits, image = random_inputs(rng, b, h, w, l, c, params)
+  image = np.clip(np.round(image), 0, 255).astype(np.uint8)
+  q = kernels.dense_crf(logits.astype(jnp.bfloat16), image, iterations=3, implementation="xla")
+  assert q.dtype == jnp.bfloat16
+  expected = crf_reference.dense_crf(np.asarray(logits.astype(jnp.bfloat16), np.float64), image, 3)
+  np.testing.assert_allclose(np.asarray(q, np.float32), expected, atol=1e-2)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(image=np.zeros((1, 7, 8, 3))), "resize the logits"),
+    (dict(image=np.zeros((7, 9, 3))), "image must have shape"),
+    (dict(logits=np.zeros((7, 9, 3))), "logits must have rank 4"),
+    (dict(logits=np.zeros((1, 7, 9, 3), np.int32)), "floating point"),
+    (dict(bi_rgb_std=0.0), "bi_rgb_std must be a positive"),
+    (dict(pos_xy_std=-1.0), "pos_xy_std must be a positive"),
+    (dict(bi_xy_std=float("inf")), "bi_xy_std must be a positive"),
+    (dict(bi_rgb_std=np.ones(1)), "bi_rgb_std must be a Python float"),
+    (dict(compatibility=np.ones((3, 4))), r"compatibility must have shape \(L, L\) = \(3, 3\)"),
+    (dict(compatibility=np.ones((3,))), r"compatibility must have shape"),
+    (dict(iterations=-1), "iterations must be a non-negative int"),
+    (dict(iterations=2.5), "iterations must be a non-negative int"),
+    (dict(pos_w=np.ones(2)), "pos_w must be a scalar"),
+    (dict(implementation="cuda"), "is not one of"),
+])
+def test_bad_arguments_raise_clear_errors(change, message):
+  arguments = dict(logits=np.zeros((1, 7, 9, 3), np.float32), image=np.zeros((1, 7, 9, 3)))
+  arguments.update(change)
+  logits, image = arguments.pop("logits"), arguments.pop("image")
+  with pytest.raises(ValueError, match=message):
+    kernels.dense_crf(logits, image, **arguments)
+
+
+def test_traced_std_is_rejected():
+  with pytest.raises(ValueError, match="bi_rgb_std must be a Python float"):
+    jax.jit(lambda s: kernels.dense_crf(jnp.zeros((1, 4, 4, 2)), jnp.zeros((1, 4, 4, 3)),
+                                        bi_rgb_std=s))(3.0)
