@@ -1,4 +1,4 @@
-"""Shifted-window multi-head self-attention (Liu et al. 2021, Swin Transformer), XLA reference.
+"""Shifted-window multi-head self-attention (Liu et al. 2021, Swin Transformer): XLA and Pallas.
 
 The semantics are microsoft/Swin-Transformer's `SwinTransformerBlock` + `WindowAttention`
 (models/swin_transformer.py) from the output of the `qkv` Linear to the input of the `proj`
@@ -23,19 +23,35 @@ instead of a gather through the (N, N) index: its table gradient is then a matri
 deterministic on every backend (a gather's gradient is a scatter-add, which uses atomics on
 GPU). `relative_position_index` gives the official index for checkpoints and tests.
 
-Only the XLA version exists so far; gradients come from JAX's autodiff.
+Implementations:
+- `xla`: the readable specification (roll, partition, einsums; JAX autodiff for gradients).
+- `pallas_tpu` (Mosaic TPU): one program per (image, band of M rolled rows). The band's tokens
+  are DMA'd straight from the unrolled (B, H, W, 3C) map into a (windows, N, 3C) VMEM buffer,
+  one copy per (row, window) run of contiguous source columns (two where a window wraps around
+  the map's edge): the cyclic shift and the partition live in the copies' source offsets, and
+  nothing rolled or partitioned is ever written to HBM; the output returns the same way. Per
+  window and head, the logits are computed on the MXU in float32, the expanded (heads, N, N)
+  bias and the region mask (from the tokens' coordinates and the band/window index) added,
+  softmax in float32. The backward kernel recomputes the probabilities and writes dqkv the same
+  way; the bias gradient is accumulated per image over its bands in order (an "arbitrary" grid
+  axis) and summed over images in XLA: deterministic, no atomics. The table gradient is the
+  transpose of the one-hot expansion (a matrix product).
+Under vmap the mapped axis is folded into the images (one kernel call).
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from kernels import _common
 
-_IMPLEMENTATIONS = ("xla",)
+_IMPLEMENTATIONS = ("xla", "pallas_tpu")
 
 MASK_VALUE = -100.0  # the official attention mask between tokens of different regions
 
@@ -107,6 +123,283 @@ def _xla_window_attention(qkv, table, *, num_heads, window_size, shift):
   return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Pallas: one program per (image, band of M rolled rows). The band's tokens are copied straight
+# from the unrolled map into a (windows, N, 3C) buffer, one copy per (row, window) segment of
+# contiguous source columns (two where a window wraps around the map's edge): the cyclic shift
+# and the window partition are the copies' source offsets, nothing is rolled or partitioned in
+# HBM. The output goes back the same way. Per window and head: logits in float32 on the matrix
+# unit, the expanded bias and the region mask (from token coordinates) added, softmax, times v.
+
+
+class _Geometry(NamedTuple):
+  height: int
+  width: int
+  window: int       # M
+  shift: int
+  num_heads: int
+  head_dim: int
+
+  @property
+  def tokens(self):  # N, tokens per window
+    return self.window * self.window
+
+  @property
+  def windows_per_band(self):
+    return self.width // self.window
+
+  @property
+  def bands(self):
+    return self.height // self.window
+
+
+def _column_segments(g: _Geometry):
+  """Static (window j, offset in the window row, source column, length) copies of one row."""
+  segments = []
+  for j in range(g.windows_per_band):
+    start = j * g.window + g.shift        # rolled column j*M is source column j*M + shift
+    length = min(g.window, g.width - start)
+    segments.append((j, 0, start, length))
+    if length < g.window:                 # the last window wraps to the map's first columns
+      segments.append((j, length, 0, g.window - length))
+  return segments
+
+
+def _band_copies(hbm, buffer, image, band, g: _Geometry, sem, *, to_hbm: bool):
+  """DMA descriptors between the band's tokens in hbm (B, H, W, D) and buffer (windows, N, D)."""
+  copies = []
+  for r in range(g.window):
+    row = lax.rem(band * g.window + r + g.shift, g.height)
+    for j, offset, column, length in _column_segments(g):
+      source = hbm.at[image, row, pl.ds(column, length)]
+      slot = buffer.at[j, pl.ds(r * g.window + offset, length)]
+      copies.append(pltpu.make_async_copy(slot, source, sem) if to_hbm else
+                    pltpu.make_async_copy(source, slot, sem))
+  return copies
+
+
+def _copy_all(copies):
+  for copy in copies:
+    copy.start()
+  for copy in copies:
+    copy.wait()
+
+
+def _token_coordinates(window: int):
+  """(N, 2) and (2, N) int32: each window token's (row, column) inside the window."""
+  n = np.arange(window * window)
+  rc = np.stack([n // window, n % window]).astype(np.int32)
+  return jnp.asarray(rc.T), jnp.asarray(rc)
+
+
+def _region_mask_in_kernel(rc_q, rc_k, band, window_index, g: _Geometry):
+  """(N, N) float32 MASK_VALUE between tokens of different regions, from region ids."""
+  def region(position, size):
+    return ((position >= size - g.window).astype(jnp.int32) +
+            (position >= size - g.shift).astype(jnp.int32))
+
+  def ids(rows, cols):
+    return (region(band * g.window + rows, g.height) * 3 +
+            region(window_index * g.window + cols, g.width))
+
+  query = ids(rc_q[:, 0:1], rc_q[:, 1:2])    # (N, 1)
+  key = ids(rc_k[0:1, :], rc_k[1:2, :])      # (1, N)
+  return jnp.where(query != key, MASK_VALUE, 0.0).astype(jnp.float32)
+
+
+def _mm(a, b, contract):
+  """a @ b (contract=((1,), (0,))) or a @ b^T (((1,), (1,))) etc., float32 accumulation."""
+  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return lax.dot_general(a, b, (contract, ((), ())), precision=precision,
+                         preferred_element_type=jnp.float32)
+
+
+_NT = ((1,), (1,))   # a @ b^T
+_NN = ((1,), (0,))   # a @ b
+_TN = ((0,), (0,))   # a^T @ b
+
+
+def _head_probabilities(buffer, bias, mask, j, h, g: _Geometry):
+  """q (scaled, in qkv's dtype), k, v (N, head_dim) and softmax probabilities (N, N) float32."""
+  c, d = g.num_heads * g.head_dim, g.head_dim
+  q = buffer[j, :, pl.ds(h * d, d)]
+  q = q * jnp.asarray(d ** -0.5, q.dtype)
+  k = buffer[j, :, pl.ds(c + h * d, d)]
+  v = buffer[j, :, pl.ds(2 * c + h * d, d)]
+  logits = _mm(q, k, _NT) + bias[h]
+  if mask is not None:
+    logits = logits + mask
+  logits = logits - jnp.max(logits, axis=1, keepdims=True)
+  e = jnp.exp(logits)
+  return q, k, v, e / jnp.sum(e, axis=1, keepdims=True)
+
+
+def _tpu_forward_kernel(rc_q, rc_k, bias, qkv, out, buffer, out_buffer, sem, *, g: _Geometry):
+  image, band = pl.program_id(0), pl.program_id(1)
+  _copy_all(_band_copies(qkv, buffer, image, band, g, sem, to_hbm=False))
+
+  @pl.loop(0, g.windows_per_band)
+  def _(j):
+    mask = _region_mask_in_kernel(rc_q[...], rc_k[...], band, j, g) if g.shift else None
+    for h in range(g.num_heads):
+      _, _, v, p = _head_probabilities(buffer, bias, mask, j, h, g)
+      o = _mm(p.astype(v.dtype), v, _NN)
+      out_buffer[j, :, pl.ds(h * g.head_dim, g.head_dim)] = o.astype(out_buffer.dtype)
+
+  _copy_all(_band_copies(out, out_buffer, image, band, g, sem, to_hbm=True))
+
+
+def _tpu_backward_kernel(rc_q, rc_k, bias, qkv, grad_out, grad_qkv, grad_bias, buffer, g_buffer,
+                         grad_buffer, sem, *, g: _Geometry):
+  image, band = pl.program_id(0), pl.program_id(1)
+  _copy_all(_band_copies(qkv, buffer, image, band, g, sem, to_hbm=False) +
+            _band_copies(grad_out, g_buffer, image, band, g, sem, to_hbm=False))
+
+  @pl.when(band == 0)
+  def _():
+    grad_bias[...] = jnp.zeros_like(grad_bias)
+
+  c, d = g.num_heads * g.head_dim, g.head_dim
+
+  @pl.loop(0, g.windows_per_band)
+  def _(j):
+    mask = _region_mask_in_kernel(rc_q[...], rc_k[...], band, j, g) if g.shift else None
+    for h in range(g.num_heads):
+      q, k, v, p = _head_probabilities(buffer, bias, mask, j, h, g)
+      do = g_buffer[j, :, pl.ds(h * d, d)]
+      dv = _mm(p.astype(do.dtype), do, _TN)                     # p^T @ do
+      dp = _mm(do, v, _NT)                                       # do @ v^T
+      ds = p * (dp - jnp.sum(dp * p, axis=1, keepdims=True))     # softmax backward, float32
+      grad_bias[h] += ds                                         # bands in order: deterministic
+      dq = _mm(ds.astype(k.dtype), k, _NN) * d ** -0.5
+      dk = _mm(ds.astype(q.dtype), q, _TN)
+      dtype = grad_buffer.dtype
+      grad_buffer[j, :, pl.ds(h * d, d)] = dq.astype(dtype)
+      grad_buffer[j, :, pl.ds(c + h * d, d)] = dk.astype(dtype)
+      grad_buffer[j, :, pl.ds(2 * c + h * d, d)] = dv.astype(dtype)
+
+  _copy_all(_band_copies(grad_qkv, grad_buffer, image, band, g, sem, to_hbm=True))
+
+
+def _tpu_call(kernel, bias, hbm_inputs, out_shape, out_specs, scratch, g: _Geometry, semantics,
+              interpret):
+  rc_q, rc_k = _token_coordinates(g.window)
+  full = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
+  return pl.pallas_call(
+      functools.partial(kernel, g=g),
+      out_shape=out_shape,
+      grid=(hbm_inputs[0].shape[0], g.bands),
+      in_specs=[full(rc_q), full(rc_k), full(bias)] + [pl.BlockSpec(memory_space=pl.ANY)] * len(hbm_inputs),
+      out_specs=out_specs,
+      scratch_shapes=scratch + [pltpu.SemaphoreType.DMA(())],
+      compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
+      interpret=pltpu.InterpretParams() if interpret else False,
+  )(rc_q, rc_k, bias, *hbm_inputs)
+
+
+def _tpu_forward(qkv, bias, g: _Geometry, interpret: bool):
+  b, h, w, c3 = qkv.shape
+  c = c3 // 3
+  return _tpu_call(
+      _tpu_forward_kernel, bias, [qkv],
+      out_shape=jax.ShapeDtypeStruct((b, h, w, c), qkv.dtype),
+      out_specs=pl.BlockSpec(memory_space=pl.ANY),
+      scratch=[pltpu.VMEM((g.windows_per_band, g.tokens, c3), qkv.dtype),
+               pltpu.VMEM((g.windows_per_band, g.tokens, c), qkv.dtype)],
+      g=g, semantics=("parallel", "parallel"), interpret=interpret)
+
+
+def _tpu_backward(qkv, bias, grad_out, g: _Geometry, interpret: bool):
+  """(dL/dqkv (B, H, W, 3C), dL/dbias per image (B, heads, N, N) float32)."""
+  b, h, w, c3 = qkv.shape
+  n = g.tokens
+  grad_qkv, grad_bias = _tpu_call(
+      _tpu_backward_kernel, bias, [qkv, grad_out.astype(qkv.dtype)],
+      out_shape=(jax.ShapeDtypeStruct(qkv.shape, qkv.dtype),
+                 jax.ShapeDtypeStruct((b, g.num_heads, n, n), jnp.float32)),
+      out_specs=(pl.BlockSpec(memory_space=pl.ANY),
+                 pl.BlockSpec((None, g.num_heads, n, n), lambda i, j: (i, 0, 0, 0))),
+      scratch=[pltpu.VMEM((g.windows_per_band, n, c3), qkv.dtype),
+               pltpu.VMEM((g.windows_per_band, n, c3 // 3), qkv.dtype),
+               pltpu.VMEM((g.windows_per_band, n, c3), qkv.dtype)],
+      g=g, semantics=("parallel", "arbitrary"), interpret=interpret)
+  return grad_qkv, grad_bias
+
+
+_PALLAS = {"pallas_tpu": (_tpu_forward, _tpu_backward)}
+
+
+class _Static(NamedTuple):
+  geometry: _Geometry
+  implementation: str
+  interpret: bool
+
+
+def _broadcast(x, batched, axis_size):
+  return x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
+
+
+def _fold(x):
+  return x.reshape((-1,) + x.shape[2:])
+
+
+def _forward(static: _Static, qkv, bias):
+  """(B, H, W, C). Under vmap the mapped axis is folded into the images: still one call."""
+  @jax.custom_batching.custom_vmap
+  def run(qkv, bias):
+    forward, _ = _PALLAS[static.implementation]
+    return forward(qkv, bias, static.geometry, static.interpret)
+
+  @run.def_vmap
+  def _(axis_size, in_batched, qkv, bias):
+    qkv_batched, bias_batched = in_batched
+    qkv = _broadcast(qkv, qkv_batched, axis_size)
+    if bias_batched:   # a bias table per mapped element: one call each
+      return lax.map(lambda args: _forward(static, *args), (qkv, bias)), True
+    out = _forward(static, _fold(qkv), bias)
+    return out.reshape((axis_size, -1) + out.shape[1:]), True
+
+  return run(qkv, bias)
+
+
+def _backward(static: _Static, qkv, bias, grad_out):
+  """(dL/dqkv (B, H, W, 3C), dL/dbias per image (B, heads, N, N) float32)."""
+  @jax.custom_batching.custom_vmap
+  def run(qkv, bias, grad_out):
+    _, backward = _PALLAS[static.implementation]
+    return backward(qkv, bias, grad_out, static.geometry, static.interpret)
+
+  @run.def_vmap
+  def _(axis_size, in_batched, qkv, bias, grad_out):
+    qkv_batched, bias_batched, grad_batched = in_batched
+    qkv = _broadcast(qkv, qkv_batched, axis_size)
+    grad_out = _broadcast(grad_out, grad_batched, axis_size)
+    if bias_batched:
+      return lax.map(lambda args: _backward(static, *args), (qkv, bias, grad_out)), (True, True)
+    grad_qkv, grad_bias = _backward(static, _fold(qkv), bias, _fold(grad_out))
+    unfold = lambda x: x.reshape((axis_size, -1) + x.shape[1:])
+    return (unfold(grad_qkv), unfold(grad_bias)), (True, True)
+
+  return run(qkv, bias, grad_out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _pallas_window_attention(static: _Static, qkv, bias):
+  return _forward(static, qkv, bias)
+
+
+def _pallas_forward(static, qkv, bias):
+  return _forward(static, qkv, bias), (qkv, bias)
+
+
+def _pallas_backward(static, residuals, grad_out):
+  grad_qkv, grad_bias = _backward(static, *residuals, grad_out)
+  return grad_qkv, grad_bias.sum(axis=0)   # images in order: deterministic
+
+
+_pallas_window_attention.defvjp(_pallas_forward, _pallas_backward)
+
+
 def _check_arguments(qkv, table, num_heads, window_size, shift):
   op = "window_attention"
   for name, value in (("num_heads", num_heads), ("window_size", window_size)):
@@ -150,17 +443,24 @@ def window_attention(qkv: jax.Array, relative_position_bias_table: jax.Array, *,
     num_heads: attention heads.
     window_size: M, the window side in tokens.
     shift: cyclic shift in tokens, 0 <= shift < M (0: regular windows; Swin uses M // 2).
-    implementation: "auto" or "xla" (the only one so far).
+    implementation: "auto", "xla" or "pallas_tpu" (interpret mode without a TPU).
 
   Returns:
     (B, H, W, C) in qkv's dtype: softmax(q * head_dim**-0.5 @ k^T + bias + mask) @ v per window
     and head, heads concatenated, at the tokens' own positions (shift undone). Logits and
-    softmax are float32. Differentiable with respect to qkv and the table (JAX autodiff;
-    deterministic).
+    softmax are float32. Differentiable with respect to qkv and the table (JAX autodiff for xla,
+    a backward kernel for Pallas; deterministic in both).
   """
   qkv = jnp.asarray(qkv)
   relative_position_bias_table = jnp.asarray(relative_position_bias_table)
   _check_arguments(qkv, relative_position_bias_table, num_heads, window_size, shift)
-  _common.resolve_implementation(implementation, "window_attention", _IMPLEMENTATIONS)
-  return _xla_window_attention(qkv, relative_position_bias_table, num_heads=int(num_heads),
-                               window_size=int(window_size), shift=int(shift))
+  implementation = _common.resolve_implementation(implementation, "window_attention",
+                                                  _IMPLEMENTATIONS)
+  if implementation == "xla":
+    return _xla_window_attention(qkv, relative_position_bias_table, num_heads=int(num_heads),
+                                 window_size=int(window_size), shift=int(shift))
+  b, h, w, c3 = qkv.shape
+  geometry = _Geometry(h, w, int(window_size), int(shift), int(num_heads), c3 // 3 // num_heads)
+  bias = _relative_position_bias(relative_position_bias_table, int(window_size))
+  static = _Static(geometry, implementation, _common.interpret(implementation))
+  return _pallas_window_attention(static, qkv, bias)

@@ -108,3 +108,26 @@ def test_auto_picks_the_pallas_kernel_on_its_platform_and_xla_on_cpu(implementat
   # A function of its own: jit's trace cache does not know about lowering_for.
   cpu = jax.jit(lambda f, b, i: kernels.roi_align(f, b, i, 2)).lower(features, boxes, box_indices).as_text()
   assert "custom_call" not in cpu
+
+
+@pytest.mark.parametrize("implementation", ["pallas_tpu"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape, window, shift, heads", [
+    ((64, 56, 56), 7, 3, 3),      # Swin-T stage 1, shifted
+    ((64, 14, 14), 7, 0, 12),     # stage 3, regular windows
+    ((2, 7, 7), 7, 0, 24),        # stage 4: window clipped to the resolution
+])
+def test_window_attention_lowers_forward_and_backward(implementation, dtype, shape, window, shift,
+                                                      heads):
+  qkv = jax.ShapeDtypeStruct(shape + (3 * heads * 32,), dtype)
+  table = jax.ShapeDtypeStruct(((2 * window - 1) ** 2, heads), jnp.float32)
+
+  def loss_and_grad(qkv, table):
+    def loss(qkv, table):
+      out = kernels.window_attention(qkv, table, num_heads=heads, window_size=window, shift=shift,
+                                     implementation=implementation)
+      return out.astype(jnp.float32).sum()
+    return jax.value_and_grad(loss, argnums=(0, 1))(qkv, table)
+
+  module = _export(implementation, loss_and_grad, qkv, table).mlir_module()
+  assert _kernel_calls(implementation, module) == 2, "expected a forward and a backward kernel"
