@@ -105,6 +105,8 @@ def test_gradients_match_finite_differences(rng, case):
   weights = _loss_weights(rng, (b, h, w, l))
   iterations = 4
   fixed = {k: v for k, v in params.items() if k not in ("pos_w", "bi_w")}
+  # Weights of at most 1 keep Q away from one-hot rows, whose gradients vanish.
+  params = dict(params, pos_w=min(params["pos_w"], 1.0), bi_w=min(params["bi_w"], 1.0))
 
   def loss(logits, pos_w, bi_w, mu):
     q = kernels.dense_crf(logits, image, iterations=iterations, pos_w=pos_w, bi_w=bi_w,
@@ -126,8 +128,10 @@ def test_gradients_match_finite_differences(rng, case):
               fd(lambda x: reference_loss(mu=x), mu))
   assert np.abs(expected[0]).max() > 1e-3, "saturated CRF: the test would not see wrong gradients"
   for name, got, want in zip(("logits", "pos_w", "bi_w", "compatibility"), grads, expected):
-    scale = np.abs(want).max()
-    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * scale, err_msg=name)
+    # The weights' gradients are sums over every pixel that may nearly cancel: float32 leaves
+    # an absolute error around 1e-7 there.
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max() + 1e-6,
+                               err_msg=name)
 
 
 def test_jit_with_traced_weights_and_zero_iterations(rng):
