@@ -15,10 +15,16 @@ The layout and parameter names are those of google-research/vision_transformer
     pre_logits/{kernel,bias}                       only with representation_size (Dense + tanh)
     head/{kernel,bias}                             the classifier (absent when num_classes=0)
 
-As there, the class token exists only for classifier="token": with classifier="gap" (global
-average pooling of the encoder output) the sequence is the N patch tokens alone and the
+As there, by default the class token exists only for classifier="token": with classifier="gap"
+(global average pooling of the encoder output) the sequence is the N patch tokens alone and the
 position embeddings are (1, N, D). LayerNorms use epsilon 1e-6 and the MLP uses flax's default
 `nn.gelu`, i.e. the tanh approximation, both as in the original.
+
+Three module fields (not registry hyper-parameters; `zoo.load_checkpoint(format="timm")` sets
+them) cover timm's `VisionTransformer` variants: `gelu_approximate=False` (timm's nn.GELU is the
+exact erf form), `class_token=True` with classifier="gap" (a class token that the average
+pooling skips, e.g. MAE), and `fc_norm=True` (the final LayerNorm applied to the pooled vector,
+as a top-level `fc_norm`, instead of `Transformer/encoder_norm` on every token).
 
     model = zoo.create("vit_b16", num_classes=10)
     variables = model.init(rng, images, train=False)      # images (B, 224, 224, 3)
@@ -114,11 +120,14 @@ class AddPositionEmbs(nn.Module):
 
 
 class MlpBlock(nn.Module):
-  """Dense(mlp_dim) -> GELU (tanh approximation) -> dropout -> Dense(D) -> dropout."""
+  """Dense(mlp_dim) -> GELU -> dropout -> Dense(D) -> dropout.
+
+  GELU is the tanh approximation (vit_jax) unless gelu_approximate=False (exact erf, timm)."""
   mlp_dim: int
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  gelu_approximate: bool = True
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
@@ -128,7 +137,7 @@ class MlpBlock(nn.Module):
         kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6), name=name)
     out_dim = x.shape[-1]
-    x = nn.gelu(dense(self.mlp_dim, "Dense_0")(x))
+    x = nn.gelu(dense(self.mlp_dim, "Dense_0")(x), approximate=self.gelu_approximate)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     x = dense(out_dim, "Dense_1")(x)
     return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
@@ -142,6 +151,7 @@ class Encoder1DBlock(nn.Module):
   attention_dropout_rate: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  gelu_approximate: bool = True
 
   @nn.compact
   def __call__(self, inputs, *, deterministic: bool):
@@ -158,12 +168,13 @@ class Encoder1DBlock(nn.Module):
     x = x + inputs
     y = norm("LayerNorm_2")(x)
     y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype,
-                 name="MlpBlock_3")(y, deterministic=deterministic)
+                 self.gelu_approximate, name="MlpBlock_3")(y, deterministic=deterministic)
     return x + y
 
 
 class Encoder(nn.Module):
-  """Position embeddings, `num_layers` blocks and the final LayerNorm (vit_jax's `Transformer`)."""
+  """Position embeddings, `num_layers` blocks and the final LayerNorm (vit_jax's `Transformer`;
+  final_norm=False leaves the norm out, for timm's fc_norm)."""
   num_layers: int
   mlp_dim: int
   num_heads: int
@@ -171,6 +182,8 @@ class Encoder(nn.Module):
   attention_dropout_rate: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  gelu_approximate: bool = True
+  final_norm: bool = True
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -180,7 +193,10 @@ class Encoder(nn.Module):
     for layer in range(self.num_layers):
       x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout_rate,
                          self.attention_dropout_rate, self.dtype, self.param_dtype,
+                         self.gelu_approximate,
                          name=f"encoderblock_{layer}")(x, deterministic=not train)
+    if not self.final_norm:
+      return x
     return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
                         name="encoder_norm")(x)
 
@@ -205,6 +221,14 @@ class VisionTransformer(nn.Module):
     attention_dropout_rate: dropout on the attention weights.
     dtype: compute dtype (e.g. bfloat16 on accelerators); the logits are float32.
     param_dtype: parameter dtype.
+    gelu_approximate: the MLP's GELU: True = tanh approximation (vit_jax, flax's default),
+      False = exact erf form (timm, torch.nn.GELU's default).
+    class_token: whether a class token "cls" is prepended; None = exactly when
+      classifier="token". True with classifier="gap" gives a class token that the average
+      pooling leaves out (timm's class_token=True, global_pool="avg").
+    fc_norm: False = the final LayerNorm `Transformer/encoder_norm` normalises every token
+      (vit_jax); True = no encoder_norm, a LayerNorm `fc_norm` on the pooled (B, D) vector
+      instead (timm's fc_norm, its default for global_pool="avg").
   """
   num_classes: int
   patch_size: Any = 16
@@ -218,10 +242,16 @@ class VisionTransformer(nn.Module):
   attention_dropout_rate: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  gelu_approximate: bool = True
+  class_token: bool | None = None
+  fc_norm: bool = False
 
   def __post_init__(self):
     if self.classifier not in CLASSIFIERS:
       raise ValueError(f"ViT classifier must be one of {CLASSIFIERS}, got {self.classifier!r}.")
+    if self.classifier == "token" and self.class_token is False:
+      raise ValueError('ViT classifier="token" classifies the class token: it needs '
+                       'class_token=True (or None); use classifier="gap" without one.')
     _pair(self.patch_size)
     if self.hidden_size % self.num_heads:
       raise ValueError(f"ViT hidden_size {self.hidden_size} is not divisible by num_heads "
@@ -234,9 +264,14 @@ class VisionTransformer(nn.Module):
     super().__post_init__()
 
   @property
+  def has_class_token(self) -> bool:
+    """Whether a class token is prepended (class_token, by default classifier == "token")."""
+    return self.classifier == "token" if self.class_token is None else bool(self.class_token)
+
+  @property
   def num_prefix_tokens(self) -> int:
-    """1 with a class token (classifier="token"), else 0."""
-    return int(self.classifier == "token")
+    """1 with a class token, else 0."""
+    return int(self.has_class_token)
 
   def grid_size(self, image_shape: Sequence[int]) -> tuple[int, int]:
     """(H/P_h, W/P_w) for images (B, H, W, C); ValueError naming the fix if P does not divide."""
@@ -264,9 +299,9 @@ class VisionTransformer(nn.Module):
 
     Returns:
       logits: (B, num_classes) float32 (with num_classes=0: (B, representation_size or D)).
-      aux: dict in `dtype`: "tokens", the encoder output after `encoder_norm`,
-        (B, N + 1, D) for classifier="token" (class token first) and (B, N, D) for "gap",
-        N = (H/P_h)(W/P_w); "feature_map", its patch tokens as a (B, H/P_h, W/P_w, D) grid
+      aux: dict in `dtype`: "tokens", the encoder output after `encoder_norm` (before any
+        norm with fc_norm=True), (B, N + 1, D) with a class token (first) and (B, N, D)
+        without, N = (H/P_h)(W/P_w); "feature_map", its patch tokens as a (B, H/P_h, W/P_w, D) grid
         (row-major, as the patch embedding flattens them) for dense heads.
     """
     gh, gw = self.grid_size(images.shape)
@@ -275,14 +310,18 @@ class VisionTransformer(nn.Module):
                 name="embedding")(images.astype(self.dtype))
     batch = x.shape[0]
     x = x.reshape(batch, gh * gw, self.hidden_size)
-    if self.classifier == "token":
+    if self.has_class_token:
       cls = self.param("cls", nn.initializers.zeros, (1, 1, self.hidden_size), self.param_dtype)
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
     tokens = Encoder(self.num_layers, self.mlp_dim, self.num_heads, self.dropout_rate,
                      self.attention_dropout_rate, self.dtype, self.param_dtype,
+                     self.gelu_approximate, final_norm=not self.fc_norm,
                      name="Transformer")(x, train=train)
     patches = tokens[:, self.num_prefix_tokens:]
     x = tokens[:, 0] if self.classifier == "token" else jnp.mean(patches, axis=1)
+    if self.fc_norm:
+      x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="fc_norm")(x)
     if self.representation_size is not None:
       x = jnp.tanh(nn.Dense(self.representation_size, dtype=self.dtype,
                             param_dtype=self.param_dtype, name="pre_logits")(x))

@@ -3,7 +3,8 @@
     model, variables = zoo.load_checkpoint("swin_tiny_patch4_window7_224.pth", format="swin_official")
     logits, aux = model.apply(variables, images_nhwc, train=False)
 
-`source` is a path (.npz; .pth/.pt needs torch) or a mapping of parameter names to arrays.
+`source` is a path (.npz; .pth/.pt/.bin needs torch, .safetensors the safetensors package)
+or a mapping of parameter names to arrays.
 Formats so far:
   swin_official  the `model` state dict of microsoft/Swin-Transformer (models/swin_transformer.py);
                  its buffers relative_position_index and attn_mask are recomputed, not read.
@@ -13,6 +14,8 @@ Formats so far:
                  patch_size (int or (h, w)), hidden_size, mlp_dim, num_heads, num_layers,
                  num_classes, classifier, representation_size; position embeddings are resized
                  (vit_jax's scipy zoom) when image_size gives another grid than the checkpoint's.
+  timm           timm's SwinTransformer and VisionTransformer state dicts (`zoo.weights.timm`
+                 says which variants and hyper-parameters: timm's names, timm's defaults).
 """
 
 import os
@@ -27,7 +30,7 @@ import numpy as np
 
 from zoo import registry
 
-FORMATS = ("swin_official", "vit_jax")
+FORMATS = ("swin_official", "vit_jax", "timm")
 
 
 def _read(source) -> dict[str, np.ndarray]:
@@ -45,12 +48,23 @@ def _read(source) -> dict[str, np.ndarray]:
         raise ValueError(f"{path} is a PyTorch file and torch is not installed; install torch, or "
                          "pass a mapping of names to NumPy arrays instead.") from None
       state = torch.load(path, map_location="cpu", weights_only=True)
+      state = {name: value.float() if getattr(value, "dtype", None) == torch.bfloat16 else value
+               for name, value in state.items()}  # NumPy has no bfloat16
+    elif path.endswith(".safetensors"):  # timm's releases on the Hugging Face hub
+      try:
+        import safetensors.numpy
+      except ImportError:
+        raise ValueError(f"{path} is a safetensors file and the safetensors package is not "
+                         "installed; pip install safetensors (torch is not needed).") from None
+      state = safetensors.numpy.load_file(path)
     else:
-      raise ValueError(f"Cannot read {path}: pass a .npz, a .pth/.pt file or a mapping of arrays.")
+      raise ValueError(f"Cannot read {path}: pass a .npz, .pth/.pt/.bin or .safetensors file or a "
+                       "mapping of arrays.")
   else:
     raise ValueError(f"source must be a path or a mapping of names to arrays, got {type(source).__name__}.")
-  if "model" in state and isinstance(state["model"], Mapping):  # the official training checkpoint
-    state = dict(state["model"])
+  for wrapper in ("model", "state_dict"):  # official / timm training checkpoints
+    if wrapper in state and isinstance(state[wrapper], Mapping):
+      state = dict(state[wrapper])
   return {name: np.asarray(value.numpy() if hasattr(value, "numpy") else value)
           for name, value in state.items()}
 
@@ -67,35 +81,53 @@ def _swin_official_name(name: str) -> tuple[tuple[str, ...], Any] | None:
     return (*path, leaf), lambda a: a
   if leaf == "bias":
     return (*path, "bias"), lambda a: a
-  if leaf == "weight":
+  if leaf == "weight" and path:
     if path[-1].startswith("norm") or path[-1] == "patch_embed_norm":
       return (*path, "scale"), lambda a: a
     if path[-1] == "patch_embed_proj":
       return (*path, "kernel"), lambda a: a.transpose(2, 3, 1, 0)  # (O, I, kh, kw) -> (kh, kw, I, O)
     return (*path, "kernel"), lambda a: a.T                        # Linear (out, in) -> (in, out)
-  raise ValueError(f"swin_official: unknown parameter name {name!r}.")
+  return ("unknown", name), lambda a: a  # not a path of ours: _convert names it
 
 
-def _convert(state, rename, expected, fmt):
+def _convert(state, rename, expected, fmt, hints=None):
+  """Our parameter tree from a checkpoint, or a ValueError listing everything that does not fit.
+
+  Args:
+    state: checkpoint name -> NumPy array.
+    rename: name -> None (a buffer we recompute: skipped), one (path, convert) pair or a list of
+      them (one checkpoint tensor feeding several of ours, e.g. timm's fused qkv); path is a
+      tuple of our names, convert maps the checkpoint's array to our layout.
+    expected: our parameter tree of shapes (jax.eval_shape of init).
+    fmt: the format's name, for the message.
+    hints: our path -> a sentence appended to that parameter's shape mismatch.
+  """
   flat_expected = flax.traverse_util.flatten_dict(expected)
-  converted, unexpected = {}, []
+  converted, source, unexpected = {}, {}, []
   for name, array in state.items():
-    target = rename(name)
-    if target is None:
+    targets = rename(name)
+    if targets is None:
       continue
-    path, convert = target
-    if path not in flat_expected:
-      unexpected.append(name)
-      continue
-    converted[path] = convert(array)
+    for path, convert in targets if isinstance(targets, list) else [targets]:
+      if path not in flat_expected:
+        unexpected.append(name)
+        continue
+      converted[path], source[path] = convert(array), (name, array.shape)
+
+  def mismatch(p):
+    name, shape = source[p]
+    where = "" if name == "/".join(p) else f" (from {name} {tuple(shape)})"
+    hint = f" {hints[p]}" if hints and p in hints else ""
+    return f"{'/'.join(p)}: checkpoint {converted[p].shape} vs model {flat_expected[p].shape}{where}{hint}"
+
   problems = []
   if unexpected:
-    problems.append(f"names the model does not have: {', '.join(sorted(unexpected))}")
+    problems.append(f"names the model does not have: {', '.join(sorted(set(unexpected)))}")
   missing = sorted("/".join(p) for p in flat_expected if p not in converted)
   if missing:
     problems.append(f"parameters the checkpoint lacks: {', '.join(missing)}")
-  mismatched = [f"{'/'.join(p)}: checkpoint {converted[p].shape} vs model {flat_expected[p].shape}"
-                for p in flat_expected if p in converted and converted[p].shape != flat_expected[p].shape]
+  mismatched = [mismatch(p) for p in flat_expected
+                if p in converted and converted[p].shape != flat_expected[p].shape]
   if mismatched:
     problems.append("shapes that disagree with the hyper-parameters: " + "; ".join(mismatched))
   if problems:
@@ -108,10 +140,12 @@ def load_checkpoint(source, *, format: str, **hyperparameters):
   """(model, variables) with a public checkpoint's weights.
 
   Args:
-    source: a path (.npz, or .pth/.pt with torch installed) or a mapping name -> array.
+    source: a path (.npz; .pth/.pt/.bin with torch installed; .safetensors with the
+      safetensors package) or a mapping name -> array (NumPy arrays or anything with .numpy()).
     format: one of FORMATS.
     **hyperparameters: the model's, e.g. embed_dim=96, depths=(2, 2, 6, 2) for Swin (its
-      registry constructor `swin` names them); they must match the checkpoint's shapes.
+      registry constructor `swin` names them; format="timm" takes timm's names, see
+      `zoo.weights.timm`); they must match the checkpoint's shapes.
 
   Raises:
     ValueError naming unknown, missing and mis-shaped parameters.
@@ -121,6 +155,9 @@ def load_checkpoint(source, *, format: str, **hyperparameters):
   state = _read(source)
   if format == "vit_jax":
     return _load_vit_jax(state, **hyperparameters)
+  if format == "timm":
+    from zoo.weights import timm  # noqa: PLC0415 (it imports this module's helpers)
+    return timm.load(state, **hyperparameters)
   model = registry.create("swin", **hyperparameters)
   size = model.img_size
   expected = jax.eval_shape(lambda: model.init(
