@@ -38,6 +38,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from kernels import _common
 
@@ -137,6 +139,170 @@ def _xla_bilateral(features, q):
   starts = jnp.arange(0, padded, chunk, dtype=jnp.int32)
   out = lax.map(one_chunk, (starts, queries))             # (chunks, B, chunk, L)
   return out.transpose(1, 0, 2, 3).reshape(b, padded, -1)[:, :n]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pallas (Mosaic TPU): the bilateral filter as tiled unnormalised attention.
+#
+# Pixels are reordered into 2-D tiles (tile_rows x tile_cols, a multiple of 128 pixels) so that a
+# tile is compact in position; a key tile is `key_tiles` consecutive query tiles. For a query tile
+# with feature centre c (the middle of its bounding box), the augmented vectors
+#     q_aug = [a, |a|^2, 1, 0...],  k_aug = [-2 b, 1, |b|^2, 0...],   a = f_i - c, b = f_j - c
+# give q_aug . k_aug = |f_i - f_j|^2 in one (TQ, 8) @ (8, TK) product on the matrix unit. The
+# float32 expansion loses absolute accuracy ~ 2^-22 (|a| + |b|)^2 to cancellation (at HIGHEST
+# precision, i.e. float32-accurate bfloat16 passes); re-centring on the query tile makes |a| at
+# most the tile's feature radius r, and for every pair that matters (d^2 <= SKIP_DISTANCE2)
+# |b| <= r + 7.4, so each kernel value has a relative error <= 2^-23 (2 r + 7.4)^2 (about
+# 3e-5 for r = 10, i.e. a colour spread of 30 std inside one tile; 2e-3 for r = 85, a black/white
+# edge inside a tile with the 3-unit colour std). Key tiles whose bounding box is farther than
+# sqrt(SKIP_DISTANCE2) from the query tile's are skipped (every kernel value < SKIP_EPSILON).
+
+
+class _TilePlan(NamedTuple):
+  tile_rows: int
+  tile_cols: int
+  query: int            # pixels per query tile
+  key: int              # pixels per key tile
+  padded_height: int
+  padded_width: int
+  query_tiles: int      # per image, a multiple of key_tiles
+  key_tiles: int        # per image
+  pixels: int           # query_tiles * query
+  features: int         # D
+  lanes: int            # D + 2 rounded up to 8
+
+
+def _tile_plan(static: _Static, d: int) -> _TilePlan:
+  blocks = static.blocks
+  tr, tc, kt = blocks.tile_rows, blocks.tile_cols, blocks.key_tiles
+  if tr <= 0 or tc <= 0 or kt <= 0 or tr % 8 or (tr * tc) % 128:
+    raise ValueError(f"{_OP}: block_sizes must have tile_rows a multiple of 8 and tile_rows * "
+                     f"tile_cols a multiple of 128 pixels, key_tiles >= 1; got {blocks}.")
+  hp, wp = _round_up(static.height, tr), _round_up(static.width, tc)
+  tiles = _round_up((hp // tr) * (wp // tc), kt)
+  return _TilePlan(tr, tc, tr * tc, tr * tc * kt, hp, wp, tiles, tiles // kt, tiles * tr * tc, d,
+                   _round_up(d + 2, 8))
+
+
+def _to_tiles(x, plan: _TilePlan, static: _Static, mode):
+  """(B, N, X) row-major pixels -> (B, pixels, X) in tile order; padding by `mode`."""
+  b, _, c = x.shape
+  x = x.reshape(b, static.height, static.width, c)
+  x = jnp.pad(x, ((0, 0), (0, plan.padded_height - static.height),
+                  (0, plan.padded_width - static.width), (0, 0)), mode=mode)
+  x = x.reshape(b, plan.padded_height // plan.tile_rows, plan.tile_rows,
+                plan.padded_width // plan.tile_cols, plan.tile_cols, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, c)
+  return jnp.pad(x, ((0, 0), (0, plan.pixels - x.shape[1]), (0, 0)), mode=mode)
+
+
+def _from_tiles(x, plan: _TilePlan, static: _Static):
+  b, _, c = x.shape
+  tiles = (plan.padded_height // plan.tile_rows) * (plan.padded_width // plan.tile_cols)
+  x = x[:, :tiles * plan.query].reshape(b, plan.padded_height // plan.tile_rows,
+                                        plan.padded_width // plan.tile_cols, plan.tile_rows,
+                                        plan.tile_cols, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, plan.padded_height, plan.padded_width, c)
+  return x[:, :static.height, :static.width].reshape(b, -1, c)
+
+
+def _tile_boxes(features, size):
+  """Per-tile feature bounding boxes (B, tiles, 2, D): [lo, hi], for tiles of `size` pixels."""
+  b, n, d = features.shape
+  tiles = features.reshape(b, n // size, size, d)
+  return jnp.stack([tiles.min(axis=2), tiles.max(axis=2)], axis=2)
+
+
+def active_tile_pairs(query_boxes, key_boxes):
+  """(B, query tiles, key tiles) bool: whether some kernel value may reach SKIP_EPSILON.
+
+  The smallest distance between two boxes: per feature, the gap between the intervals.
+  """
+  q_lo, q_hi = query_boxes[:, :, None, 0], query_boxes[:, :, None, 1]
+  k_lo, k_hi = key_boxes[:, None, :, 0], key_boxes[:, None, :, 1]
+  gap = jnp.maximum(jnp.maximum(k_lo - q_hi, q_lo - k_hi), 0.0)
+  return jnp.sum(gap * gap, axis=-1) <= SKIP_DISTANCE2
+
+
+def _tpu_kernel(query_boxes, key_boxes, f_query, f_keys, q_keys, out_ref, k_tile, q_tile, acc,
+                sems, *, plan: _TilePlan):
+  b, t = pl.program_id(0), pl.program_id(1)
+  d, lanes = plan.features, plan.lanes
+
+  def box(table, tiles, tile, side, k):
+    return table[((b * tiles + tile) * 2 + side) * d + k]
+
+  q_lo = [box(query_boxes, plan.query_tiles, t, 0, k) for k in range(d)]
+  q_hi = [box(query_boxes, plan.query_tiles, t, 1, k) for k in range(d)]
+  centre = [(lo + hi) * 0.5 for lo, hi in zip(q_lo, q_hi)]
+
+  lane = lax.broadcasted_iota(jnp.int32, (1, lanes), 1)
+  sublane = lax.broadcasted_iota(jnp.int32, (lanes, 1), 0)
+  centre_row = sum(jnp.where(lane == k, centre[k], 0.0) for k in range(d))
+  centre_col = sum(jnp.where(sublane == k, centre[k], 0.0) for k in range(d))
+  a = f_query[...] - centre_row                                   # (TQ, lanes), zero beyond D
+  q_aug = a + jnp.where(lane == d, jnp.sum(a * a, axis=1, keepdims=True), 0.0)
+  q_aug = q_aug + jnp.where(lane == d + 1, 1.0, 0.0)
+  query_index = t * plan.query + lax.broadcasted_iota(jnp.int32, (plan.query, plan.key), 0)
+  acc[...] = jnp.zeros_like(acc)
+
+  @pl.loop(0, plan.key_tiles)
+  def _(s):
+    distance2 = 0.0
+    for k in range(d):
+      gap = jnp.maximum(jnp.maximum(box(key_boxes, plan.key_tiles, s, 0, k) - q_hi[k],
+                                    q_lo[k] - box(key_boxes, plan.key_tiles, s, 1, k)), 0.0)
+      distance2 = distance2 + gap * gap
+
+    @pl.when(distance2 <= SKIP_DISTANCE2)
+    def _():
+      copy_f = pltpu.make_async_copy(f_keys.at[b, :, pl.ds(s * plan.key, plan.key)], k_tile, sems.at[0])
+      copy_q = pltpu.make_async_copy(q_keys.at[b, pl.ds(s * plan.key, plan.key), :], q_tile, sems.at[1])
+      copy_f.start()
+      copy_q.start()
+      copy_f.wait()
+      b_t = k_tile[...] - centre_col                              # (lanes, TK), zero beyond D
+      k_aug = -2.0 * b_t + jnp.where(sublane == d, 1.0, 0.0)
+      k_aug = k_aug + jnp.where(sublane == d + 1, jnp.sum(b_t * b_t, axis=0, keepdims=True), 0.0)
+      distance2 = jnp.dot(q_aug, k_aug, precision=_HIGHEST, preferred_element_type=jnp.float32)
+      kernel = jnp.exp(-0.5 * jnp.maximum(distance2, 0.0))        # (TQ, TK)
+      key_index = s * plan.key + lax.broadcasted_iota(jnp.int32, (plan.query, plan.key), 1)
+      kernel = jnp.where(query_index == key_index, 0.0, kernel)   # j != i, exactly
+      copy_q.wait()
+      acc[...] += jnp.dot(kernel, q_tile[...], precision=_HIGHEST, preferred_element_type=jnp.float32)
+
+  out_ref[...] = acc[...]
+
+
+def _tpu_bilateral(static: _Static, features, q):
+  """(B, N, L) float32 bilateral message on the Pallas TPU kernel (interpret mode off TPU)."""
+  b, n, d = features.shape
+  l = q.shape[-1]
+  plan = _tile_plan(static, d)
+  # Edge padding keeps the tiles' bounding boxes tight; padded pixels carry Q = 0.
+  f_tiles = _to_tiles(features, plan, static, "edge")
+  q_tiles = _to_tiles(q, plan, static, "constant")
+  query_boxes = _tile_boxes(f_tiles, plan.query).reshape(-1)
+  key_boxes = _tile_boxes(f_tiles, plan.key).reshape(-1)
+  f_query = jnp.pad(f_tiles, ((0, 0), (0, 0), (0, plan.lanes - d)))    # (B, P, lanes)
+  f_keys = f_query.transpose(0, 2, 1)                                     # (B, lanes, P)
+  out = pl.pallas_call(
+      functools.partial(_tpu_kernel, plan=plan),
+      out_shape=jax.ShapeDtypeStruct((b, plan.pixels, l), jnp.float32),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=2,
+          grid=(b, plan.query_tiles),
+          in_specs=[pl.BlockSpec((None, plan.query, plan.lanes), lambda b, t, *_: (b, t, 0)),
+                    pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
+          out_specs=pl.BlockSpec((None, plan.query, l), lambda b, t, *_: (b, t, 0)),
+          scratch_shapes=[pltpu.VMEM((plan.lanes, plan.key), jnp.float32),
+                          pltpu.VMEM((plan.key, l), jnp.float32),
+                          pltpu.VMEM((plan.query, l), jnp.float32),
+                          pltpu.SemaphoreType.DMA((2,))]),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+      interpret=pltpu.InterpretParams() if _common.interpret("pallas_tpu") else False,
+  )(query_boxes, key_boxes, f_query, f_keys, q_tiles)
+  return _from_tiles(out, plan, static)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,5 +467,3 @@ def dense_crf(logits: jax.Array, image: jax.Array, *, iterations: int = 10, pos_
   return q.astype(logits.dtype)
 
 
-def _tpu_bilateral(static, features, q):
-  raise NotImplementedError

@@ -5,6 +5,7 @@ reference), on fresh random inputs; the Pallas TPU kernel in interpret mode agai
 Each test prints its random seed (shown when it fails); KERNEL_TEST_SEED=<seed> replays it.
 """
 
+import contextlib
 import importlib
 
 import jax
@@ -184,3 +185,127 @@ def test_traced_std_is_rejected():
   with pytest.raises(ValueError, match="bi_rgb_std must be a Python float"):
     jax.jit(lambda s: kernels.dense_crf(jnp.zeros((1, 4, 4, 2)), jnp.zeros((1, 4, 4, 3)),
                                         bi_rgb_std=s))(3.0)
+
+
+# ------------------------------------------------------------------------------------------
+# Pallas kernels in interpret mode (each call takes seconds there: few, small cases).
+
+PALLAS = ["pallas_tpu"]
+SMALL_TILES = dense_crf_module.BlockSizes(tile_rows=8, tile_cols=16, key_tiles=1)
+
+
+def pallas_tolerance(image, params):
+  """Absolute error bound of a kernel value from the matrix-unit expansion (module docstring):
+  2^-23 (2 r + 7.4)^2 with r the largest feature radius of a tile; here the whole image's."""
+  colour = image.reshape(-1, image.shape[-1]) / params["bi_rgb_std"]
+  spread = np.linalg.norm(colour.max(0) - colour.min(0)) + np.hypot(*image.shape[1:3]) / params["bi_xy_std"]
+  return 2.0 ** -23 * (spread + 7.4) ** 2
+
+
+@pytest.mark.parametrize("implementation", PALLAS)
+@pytest.mark.parametrize("blocks", [dense_crf_module.BlockSizes(), SMALL_TILES], ids=["default", "small"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_pallas_bilateral_filter_matches_brute_force(rng, case, blocks, implementation):
+  b, h, w, l, c, params = case
+  _, image = random_inputs(rng, b, h, w, l, c, params)
+  q = rng.uniform(0, 1, (b, h, w, l)).astype(np.float32)
+  out = dense_crf_module.bilateral_filter(q, image, bi_xy_std=params["bi_xy_std"],
+                                          bi_rgb_std=params["bi_rgb_std"],
+                                          implementation=implementation, block_sizes=blocks)
+  expected = crf_reference.bilateral_filter(q, image, params["bi_xy_std"], params["bi_rgb_std"])
+  # Each output sums at most N kernel values times Q <= 1.
+  bound = pallas_tolerance(image, params) * h * w
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=max(bound, 1e-5))
+
+
+def test_pallas_skips_far_tiles_and_stays_exact(rng):
+  """Two flat colour regions far apart (in colour stds): the key tiles of the other region are
+  skipped, and the result is still the brute force's (their kernel values are < 1e-12)."""
+  h, w, l = 16, 32, 3
+  image = np.zeros((1, h, w, 3), np.float32)
+  image[:, :, 16:] = 200.0
+  image += rng.uniform(0, 1, image.shape).astype(np.float32)
+  q = rng.uniform(0, 1, (1, h, w, l)).astype(np.float32)
+  params = dict(bi_xy_std=10.0, bi_rgb_std=3.0)
+  static = dense_crf_module._Static("pallas_tpu", h, w, SMALL_TILES)
+  features = dense_crf_module.bilateral_features(jnp.asarray(image), **params).reshape(1, h * w, -1)
+  plan = dense_crf_module._tile_plan(static, features.shape[-1])
+  tiles = dense_crf_module._to_tiles(features, plan, static, "edge")
+  active = dense_crf_module.active_tile_pairs(dense_crf_module._tile_boxes(tiles, plan.query),
+                                              dense_crf_module._tile_boxes(tiles, plan.key))
+  assert active.shape == (1, 4, 4) and int(active.sum()) == 8   # half the tile pairs skipped
+  out = dense_crf_module.bilateral_filter(q, image, implementation="pallas_tpu",
+                                          block_sizes=SMALL_TILES, **params)
+  expected = crf_reference.bilateral_filter(q, image, **params)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", PALLAS)
+@pytest.mark.parametrize("case", CASES[:2], ids=IDS[:2])
+def test_pallas_mean_field_matches_xla_and_brute_force(rng, case, implementation):
+  b, h, w, l, c, params = case
+  logits, image = random_inputs(rng, b, h, w, l, c, params)
+  mu = random_compatibility(rng, l)
+  q = kernels.dense_crf(logits, image, iterations=3, compatibility=mu, implementation=implementation,
+                        **params)
+  xla = kernels.dense_crf(logits, image, iterations=3, compatibility=mu, implementation="xla", **params)
+  expected = crf_reference.dense_crf(logits, image, 3, compatibility=mu, **params)
+  # A kernel value's error times the weight and the N pixels it sums over, through 3 steps.
+  bound = 3 * params["bi_w"] * h * w * pallas_tolerance(image, params)
+  np.testing.assert_allclose(q, expected, rtol=1e-4, atol=max(bound, 2e-5))
+  np.testing.assert_allclose(q, xla, rtol=1e-4, atol=max(bound, 2e-5))
+  np.testing.assert_allclose(np.sum(q, axis=-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", PALLAS)
+def test_pallas_gradients_match_xla(rng, implementation):
+  b, h, w, l, c, params = CASES[1]
+  logits, image = random_inputs(rng, b, h, w, l, c, params)
+  mu = random_compatibility(rng, l)
+  weights = _loss_weights(rng, (b, h, w, l))
+  fixed = {k: v for k, v in params.items() if k not in ("pos_w", "bi_w")}
+
+  def loss(logits, pos_w, bi_w, mu, implementation):
+    q = kernels.dense_crf(logits, image, iterations=2, pos_w=pos_w, bi_w=bi_w, compatibility=mu,
+                          implementation=implementation, **fixed)
+    return jnp.sum(q * weights)
+
+  args = (logits, jnp.float32(params["pos_w"]), jnp.float32(params["bi_w"]), mu)
+  grads = jax.grad(loss, argnums=(0, 1, 2, 3))(*args, implementation)
+  expected = jax.grad(loss, argnums=(0, 1, 2, 3))(*args, "xla")
+  for name, got, want in zip(("logits", "pos_w", "bi_w", "compatibility"), grads, expected):
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max() + 1e-6,
+                               err_msg=name)
+
+
+# ------------------------------------------------------------------------------------------
+# Lowering for the real backends (as tests/kernels/test_lowering.py does for the other kernels).
+
+_TPU_V5E = jax.sharding.AbstractMesh(
+    (1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
+        device_kind="TPU v5 lite", num_cores=1, platform="tpu"))
+_TARGETS = {"pallas_tpu": ("tpu", "tpu", "tpu_custom_call"),
+            "pallas_gpu": ("gpu", "cuda", "mosaic_gpu_v2")}
+
+
+@pytest.mark.parametrize("implementation", PALLAS)
+@pytest.mark.parametrize("shape", [(2, 321, 321, 21), (1, 7, 9, 3)], ids=["voc", "tiny"])
+def test_pallas_lowers_forward_and_backward(implementation, shape):
+  platform, export_platform, target = _TARGETS[implementation]
+  logits = jax.ShapeDtypeStruct(shape, jnp.float32)
+  image = jax.ShapeDtypeStruct(shape[:3] + (3,), jnp.float32)
+
+  def loss_and_grad(logits, image, bi_w):
+    def loss(logits, bi_w):
+      return kernels.dense_crf(logits, image, iterations=2, bi_w=bi_w,
+                               implementation=implementation).sum()
+    return jax.value_and_grad(loss, argnums=(0, 1))(logits, bi_w)
+
+  mesh = jax.sharding.use_abstract_mesh(_TPU_V5E) if platform == "tpu" else contextlib.nullcontext()
+  with kernels.lowering_for(platform), mesh:
+    exported = jax.export.export(jax.jit(loss_and_grad), platforms=[export_platform])(
+        logits, image, jax.ShapeDtypeStruct((), jnp.float32))
+  module = exported.mlir_module()
+  # One filter call in the forward scan's body and one in the backward scan's (the same kernel
+  # on the cotangent).
+  assert module.count(f"custom_call @{target}") == 2, "expected a forward and a backward kernel"
