@@ -1,12 +1,16 @@
-"""zoo.load_checkpoint(format="timm") against timm itself.
+"""zoo.load_checkpoint(format="timm") against timm itself (and format="swin_official" against
+the official Swin code).
 
-The reference outputs are golden files made by timm, not by us: `golden/make_goldens.py` (run
-with torch 2.14.1 + timm 1.0.31 on a CPU; not run by CI, its docstring says how) builds small
-models with timm's own SwinTransformer / VisionTransformer classes under fixed seeds, perturbs
-every parameter, and stores the state dict (timm names, float32), a batch of random images,
-timm's eval-mode logits and torch autograd's gradient of sum(logits * cotangent) with respect to
-the images. Here the state dict is converted and our model must give the same logits (1e-4
-relative, float32) and the same input gradients. No torch is needed to run these tests.
+The reference outputs are golden files made by the source models, not by us:
+`golden/make_goldens.py` (run with torch 2.14.1 + timm 1.0.31 on a CPU; not run by CI, its
+docstring says how) builds small models with timm's own SwinTransformer / VisionTransformer
+classes (timm_*.npz) and with the official microsoft/Swin-Transformer SwinTransformer class
+(official_swin_w4.npz; the docstring says which copy of that file) under fixed seeds, perturbs
+every parameter, and stores the state dict (the source's names, float32, with whatever buffers
+its state_dict() holds), a batch of random images, the model's eval-mode logits and torch
+autograd's gradient of sum(logits * cotangent) with respect to the images. Here the state dict
+is converted and our model must give the same logits (1e-4 relative, float32) and the same
+input gradients. No torch is needed to run these tests.
 """
 
 import json
@@ -20,7 +24,7 @@ import zoo
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 CASES = ("timm_swin_w4", "timm_swin_w7", "timm_vit_token", "timm_vit_gap_fc_norm",
-         "timm_vit_cls_avg")
+         "timm_vit_cls_avg", "official_swin_w4")
 
 
 def _golden(case):
@@ -45,9 +49,10 @@ def test_golden_files_are_small():
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_converted_model_reproduces_timm_logits_and_input_gradients(case):
+def test_converted_model_reproduces_the_source_logits_and_input_gradients(case):
   state, kwargs, arrays = _golden(case)
-  model, variables = zoo.load_checkpoint(state, format="timm", **kwargs)
+  fmt = "swin_official" if case.startswith("official_swin") else "timm"
+  model, variables = zoo.load_checkpoint(state, format=fmt, **kwargs)
 
   @jax.jit
   def logits_and_images_grad(images, cotangent):
@@ -90,6 +95,11 @@ def test_swin_buffers_are_recomputed_and_both_layouts_load():
   for source in (garbage, official, {"state_dict": {f"module.{k}": v for k, v in state.items()}}):
     _, variables = zoo.load_checkpoint(source, format="timm", **kwargs)
     jax.tree.map(np.testing.assert_array_equal, variables, reference)
+  # The official release's own state dict (buffers included) reads the same under both formats.
+  official_state, official_kwargs, _ = _golden("official_swin_w4")
+  _, as_official = zoo.load_checkpoint(official_state, format="swin_official", **official_kwargs)
+  _, as_timm = zoo.load_checkpoint(official_state, format="timm", **official_kwargs)
+  jax.tree.map(np.testing.assert_array_equal, as_timm, as_official)
   # The timm layout is not the official one: format="swin_official" names what differs.
   with pytest.raises(ValueError, match=r"does not have: head\.fc\.bias, head\.fc\.weight, "
                                        r"layers\.2\.downsample"):

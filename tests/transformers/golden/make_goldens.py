@@ -1,9 +1,10 @@
-"""Writes the timm golden files that tests/transformers/test_timm_checkpoint.py reads.
+"""Writes the golden files that tests/transformers/test_timm_checkpoint.py reads.
 
 Not run by CI (it needs torch and timm). How the files were produced:
 
     python -m venv /tmp/venv-torch && /tmp/venv-torch/bin/pip install torch torchvision timm
-    /tmp/venv-torch/bin/python tests/transformers/golden/make_goldens.py
+    /tmp/venv-torch/bin/python tests/transformers/golden/make_goldens.py \
+        --official /tmp/official_swin/swin_transformer.py
 
 (torch 2.14.1 CPU, timm 1.0.31; the versions are also stored in each file.) For each case it
 builds a small model with timm's own classes (`timm.models.swin_transformer.SwinTransformer`,
@@ -19,9 +20,19 @@ a batch of random images. Each `<case>.npz` holds:
     logits         (B, num_classes) float32, timm's model(images) in eval mode
     cotangent      (B, num_classes) float32, random
     images_grad    (B, H, W, C) float32, d sum(logits * cotangent) / d images by torch autograd
-    config         JSON: the timm model class and its constructor arguments, the versions
+    config         JSON: the model class and its constructor arguments, the versions
+
+`official_swin_w4.npz` is the same for the official release's model class
+(microsoft/Swin-Transformer `models/swin_transformer.py`, not on PyPI, and not vendored here):
+`--official` names a local copy of that file. The one used for the committed golden holds the
+executable code of the file at commit 055c506510dd456f4a5f6cc52655a35ebbb1f87b (docstrings,
+flops(), extra_repr() and the optional fused-kernel import left out), written out from a stored
+copy of the repository because this machine cannot reach GitHub. Its state dict keeps the
+official persistent buffers relative_position_index (int64) and attn_mask.
 """
 
+import argparse
+import importlib.util
 import json
 import os
 
@@ -72,10 +83,15 @@ def perturb(model: torch.nn.Module, generator: torch.Generator):
         p.add_(0.2 * noise)
 
 
-def make(case: str, family: str, kwargs: dict, seed: int):
+# The official release, three stages as timm_swin_w4 (the last one clipped to one window).
+OFFICIAL_CASE = ("official_swin_w4", dict(img_size=32, patch_size=2, num_classes=7, embed_dim=12,
+                                          depths=(2, 2, 2), num_heads=(1, 2, 3), window_size=4,
+                                          mlp_ratio=2.0))
+
+
+def make(case: str, cls: type, kwargs: dict, seed: int):
   torch.manual_seed(seed)
   generator = torch.Generator().manual_seed(seed)
-  cls = SwinTransformer if family == "swin" else VisionTransformer
   model = cls(**kwargs, drop_path_rate=0.0)
   perturb(model, generator)
   model.eval()
@@ -84,14 +100,14 @@ def make(case: str, family: str, kwargs: dict, seed: int):
   logits = model(images)
   cotangent = torch.randn(logits.shape, generator=generator)
   (images_grad,) = torch.autograd.grad((logits * cotangent).sum(), images)
-  arrays = {f"state/{k}": v.detach().numpy().astype(np.float32)
-            for k, v in model.state_dict().items()}
+  arrays = {f"state/{k}": v.detach().numpy().astype(np.float32) if v.is_floating_point()
+            else v.numpy() for k, v in model.state_dict().items()}
   arrays["images"] = images.detach().numpy().transpose(0, 2, 3, 1).copy()
   arrays["logits"] = logits.detach().numpy()
   arrays["cotangent"] = cotangent.numpy()
   arrays["images_grad"] = images_grad.numpy().transpose(0, 2, 3, 1).copy()
   arrays["config"] = np.array(json.dumps(dict(
-      timm_class=f"{cls.__module__}.{cls.__name__}", kwargs=kwargs, drop_path_rate=0.0, seed=seed,
+      model_class=f"{cls.__module__}.{cls.__name__}", kwargs=kwargs, drop_path_rate=0.0, seed=seed,
       torch=torch.__version__, timm=timm.__version__)))
   path = os.path.join(HERE, f"{case}.npz")
   np.savez(path, **arrays)
@@ -99,5 +115,14 @@ def make(case: str, family: str, kwargs: dict, seed: int):
 
 
 if __name__ == "__main__":
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--official", help="path of microsoft/Swin-Transformer's "
+                      "models/swin_transformer.py; without it official_swin_w4.npz is not made")
+  args = parser.parse_args()
   for seed, (case, (family, kwargs)) in enumerate(CASES.items()):
-    make(case, family, kwargs, seed)
+    make(case, SwinTransformer if family == "swin" else VisionTransformer, kwargs, seed)
+  if args.official:
+    spec = importlib.util.spec_from_file_location("swin_transformer", args.official)
+    official = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(official)
+    make(OFFICIAL_CASE[0], official.SwinTransformer, OFFICIAL_CASE[1], len(CASES))
