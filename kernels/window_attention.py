@@ -50,8 +50,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels import _common
+from kernels import window_attention_mosaic_gpu as _mgpu
 
-_IMPLEMENTATIONS = ("xla", "pallas_tpu")
+_IMPLEMENTATIONS = ("xla", "pallas_tpu", "pallas_gpu")
 
 MASK_VALUE = -100.0  # the official attention mask between tokens of different regions
 
@@ -326,7 +327,31 @@ def _tpu_backward(qkv, bias, grad_out, g: _Geometry, interpret: bool):
   return grad_qkv, grad_bias
 
 
-_PALLAS = {"pallas_tpu": (_tpu_forward, _tpu_backward)}
+def _gpu_layout(qkv, bias, g: _Geometry):
+  """The GPU kernel's shape, its (heads, 64, 64) bias in slot space and each token's slot."""
+  slots = _mgpu.slots(g.window, g.head_dim, qkv.dtype)
+  shape = _mgpu._Shape(g.height, g.width, g.window, g.shift, g.num_heads, g.head_dim, slots)
+  token_slots = jnp.asarray(slots.token_slots(g.window))
+  size = _mgpu._SLOTS
+  bias_slots = jnp.full((g.num_heads, size, size), -jnp.inf, jnp.float32)  # keys no token uses
+  bias_slots = bias_slots.at[:, :, token_slots].set(0.0)
+  bias_slots = bias_slots.at[:, token_slots[:, None], token_slots[None, :]].set(bias)
+  return shape, bias_slots, token_slots
+
+
+def _gpu_forward(qkv, bias, g: _Geometry, interpret: bool):
+  shape, bias_slots, _ = _gpu_layout(qkv, bias, g)
+  return _mgpu.forward(qkv, bias_slots, shape, interpret)
+
+
+def _gpu_backward(qkv, bias, grad_out, g: _Geometry, interpret: bool):
+  shape, bias_slots, token_slots = _gpu_layout(qkv, bias, g)
+  grad_qkv, grad_bias = _mgpu.backward(qkv, bias_slots, grad_out, shape, interpret)
+  return grad_qkv, grad_bias[:, :, token_slots[:, None], token_slots[None, :]]
+
+
+_PALLAS = {"pallas_tpu": (_tpu_forward, _tpu_backward),
+           "pallas_gpu": (_gpu_forward, _gpu_backward)}
 
 
 class _Static(NamedTuple):
@@ -454,13 +479,21 @@ def window_attention(qkv: jax.Array, relative_position_bias_table: jax.Array, *,
   qkv = jnp.asarray(qkv)
   relative_position_bias_table = jnp.asarray(relative_position_bias_table)
   _check_arguments(qkv, relative_position_bias_table, num_heads, window_size, shift)
+  requested = implementation
   implementation = _common.resolve_implementation(implementation, "window_attention",
                                                   _IMPLEMENTATIONS)
+  head_dim = qkv.shape[-1] // 3 // num_heads
+  if implementation == "pallas_gpu":
+    reason = _mgpu.check_supported(int(window_size), int(shift), head_dim, qkv.dtype)
+    if reason and requested == "pallas_gpu":
+      raise ValueError(f"window_attention: implementation='pallas_gpu' cannot take this call: "
+                       f"{reason}. Use 'xla' (or 'auto', which falls back to it).")
+    implementation = "xla" if reason else implementation
   if implementation == "xla":
     return _xla_window_attention(qkv, relative_position_bias_table, num_heads=int(num_heads),
                                  window_size=int(window_size), shift=int(shift))
   b, h, w, c3 = qkv.shape
-  geometry = _Geometry(h, w, int(window_size), int(shift), int(num_heads), c3 // 3 // num_heads)
+  geometry = _Geometry(h, w, int(window_size), int(shift), int(num_heads), head_dim)
   bias = _relative_position_bias(relative_position_bias_table, int(window_size))
   static = _Static(geometry, implementation, _common.interpret(implementation))
   return _pallas_window_attention(static, qkv, bias)

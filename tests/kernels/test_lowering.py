@@ -110,7 +110,7 @@ def test_auto_picks_the_pallas_kernel_on_its_platform_and_xla_on_cpu(implementat
   assert "custom_call" not in cpu
 
 
-@pytest.mark.parametrize("implementation", ["pallas_tpu"])
+@pytest.mark.parametrize("implementation", ["pallas_tpu", "pallas_gpu"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape, window, shift, heads", [
     ((64, 56, 56), 7, 3, 3),      # Swin-T stage 1, shifted
@@ -131,3 +131,11 @@ def test_window_attention_lowers_forward_and_backward(implementation, dtype, sha
 
   module = _export(implementation, loss_and_grad, qkv, table).mlir_module()
   assert _kernel_calls(implementation, module) == 2, "expected a forward and a backward kernel"
+
+
+@pytest.mark.parametrize("implementation", ["pallas_tpu", "pallas_gpu"])
+def test_window_attention_auto_picks_the_pallas_kernel(implementation):
+  qkv = jax.ShapeDtypeStruct((2, 14, 14, 3 * 2 * 32), jnp.bfloat16)
+  table = jax.ShapeDtypeStruct((169, 2), jnp.float32)
+  fn = lambda qkv, table: kernels.window_attention(qkv, table, num_heads=2, window_size=7, shift=3)
+  assert _kernel_calls(implementation, _export(implementation, fn, qkv, table).mlir_module()) == 1

@@ -286,13 +286,59 @@ def test_gradients_are_deterministic(rng, seed, implementation):
     ((1, 14, 14, 12), (169, 2), dict(num_heads=0, window_size=7, shift=0), r"num_heads"),
     ((1, 14, 14, 12), (169, 2), dict(num_heads=2, window_size=0, shift=0), r"window_size"),
     ((1, 14, 14, 12), (169, 2), dict(num_heads=2, window_size=7, shift=3,
-                                     implementation="pallas_gpu"), r"does not exist yet"),
+                                     implementation="pallas_gpu"), r"head_dim \(2\) must be a multiple of 16"),
+    ((1, 18, 18, 96), (289, 2), dict(num_heads=2, window_size=9, shift=0,
+                                     implementation="pallas_gpu"), r"at most 64 fit"),
     ((1, 14, 14, 12), (169, 2), dict(num_heads=2, window_size=7, shift=3,
                                      implementation="cuda"), r"not one of"),
 ])
 def test_bad_arguments_raise(qkv_shape, table_shape, kwargs, message):
   with pytest.raises(ValueError, match=message):
     kernels.window_attention(np.zeros(qkv_shape, np.float32), np.zeros(table_shape, np.float32), **kwargs)
+
+
+# ------------------------------------------------------------------------------------------
+# The Mosaic GPU kernel (GPU interpreter here: slow, so few and small cases). It takes head
+# dims that are multiples of 16 and windows up to 8 x 8, so it has cases of its own.
+
+GPU_CASES = [
+    pytest.param((1, 14, 14, 7, 3, 1, 16), jnp.float32, id="f32_14x14_m7_s3"),
+    pytest.param((1, 14, 14, 7, 3, 2, 16), jnp.bfloat16, id="bf16_14x14_m7_s3"),
+    pytest.param((1, 8, 8, 4, 0, 2, 16), jnp.float32, id="f32_8x8_m4_s0", marks=pytest.mark.slow),
+    pytest.param((2, 8, 12, 4, 2, 1, 32), jnp.float32, id="f32_8x12_m4_s2_d32", marks=pytest.mark.slow),
+    pytest.param((1, 7, 7, 7, 3, 1, 16), jnp.float32, id="f32_one_window_s3", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("case, dtype", GPU_CASES)
+def test_pallas_gpu_forward_and_backward(rng, seed, case, dtype):
+  batch, height, width, m, shift, heads, head_dim = case
+  qkv, table = random_inputs(rng, batch, height, width, m, heads, head_dim)
+  cotangent = rng.standard_normal((batch, height, width, heads * head_dim)).astype(np.float32)
+  args = (jnp.asarray(qkv, dtype), table, jnp.asarray(cotangent, dtype))
+  kwargs = dict(num_heads=heads, window_size=m, shift=shift)
+  got = forward_and_vjp(*args, implementation="pallas_gpu", **kwargs)
+  expected = forward_and_vjp(*args, **kwargs)
+  assert [a.dtype for a in got] == [a.dtype for a in expected]
+  tolerance = 2e-5 if dtype == jnp.float32 else 5e-2
+  for name, a, b in zip(("out", "d_qkv", "d_table"), got, expected):
+    np.testing.assert_allclose(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)),
+                               rtol=tolerance, atol=tolerance, err_msg=f"{name}, seed {seed}")
+  if dtype == jnp.float32:
+    np.testing.assert_allclose(np.asarray(got[0]), reference(qkv, table, heads, m, shift),
+                               rtol=1e-5, atol=1e-5, err_msg=f"seed {seed}")
+  again = forward_and_vjp(*args, implementation="pallas_gpu", **kwargs)
+  for a, b in zip(got, again):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"seed {seed}")
+
+
+def test_auto_falls_back_to_xla_where_the_gpu_kernel_cannot_go():
+  """On a Hopper GPU, "auto" runs xla for head dims the GPU kernel does not take."""
+  qkv, table = np.ones((1, 4, 4, 6), np.float32), np.zeros((9, 1), np.float32)
+  with kernels.lowering_for("gpu"):
+    text = jax.jit(lambda q, t: kernels.window_attention(q, t, num_heads=1, window_size=2, shift=1)
+                   ).lower(qkv, table).as_text()
+  assert "mosaic_gpu" not in text
 
 
 def test_integer_input_raises():
