@@ -301,8 +301,8 @@ class VisionTransformer(nn.Module):
       logits: (B, num_classes) float32 (with num_classes=0: (B, representation_size or D)).
       aux: dict in `dtype`: "tokens", the encoder output after `encoder_norm` (before any
         norm with fc_norm=True), (B, N + 1, D) with a class token (first) and (B, N, D)
-        without, N = (H/P_h)(W/P_w); "feature_map", its patch tokens as a (B, H/P_h, W/P_w, D) grid
-        (row-major, as the patch embedding flattens them) for dense heads.
+        without, N = (H/P_h)(W/P_w); "feature_map", its patch tokens as a (B, H/P_h, W/P_w, D)
+        grid (row-major, as the patch embedding flattens them) for dense heads.
     """
     gh, gw = self.grid_size(images.shape)
     x = nn.Conv(self.hidden_size, _pair(self.patch_size), strides=_pair(self.patch_size),

@@ -118,7 +118,8 @@ def _convert(state, rename, expected, fmt, hints=None):
     name, shape = source[p]
     where = "" if name == "/".join(p) else f" (from {name} {tuple(shape)})"
     hint = f" {hints[p]}" if hints and p in hints else ""
-    return f"{'/'.join(p)}: checkpoint {converted[p].shape} vs model {flat_expected[p].shape}{where}{hint}"
+    return (f"{'/'.join(p)}: checkpoint {converted[p].shape} vs model {flat_expected[p].shape}"
+            f"{where}{hint}")
 
   problems = []
   if unexpected:
