@@ -66,7 +66,7 @@ def test_iou_gradients_match_finite_differences_of_reference(name):
   b[:, 2:] += b[:, :2]
   w = rng.normal(size=(5, 4))
   fn, reference = getattr(detection, name), getattr(ref, name)
-  grad_a, grad_b = jax.grad(lambda x, y: (fn(x, y) * w).sum(), argnums=(0, 1))(
+  grad_a, grad_b = jax.jit(jax.grad(lambda x, y: (fn(x, y) * w).sum(), argnums=(0, 1)))(
       jnp.float32(a), jnp.float32(b))
   eps = 1e-4
   for boxes, grad, which in ((a, grad_a, 0), (b, grad_b, 1)):
@@ -83,7 +83,7 @@ def test_iou_gradients_match_finite_differences_of_reference(name):
 
 def test_iou_gradients_are_finite_at_degenerate_boxes():
   a = jnp.array([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 4.0, 4.0]])
-  g = jax.grad(lambda x: (detection.box_iou(x, x) + detection.generalized_box_iou(x, x)).sum())(a)
+  g = jax.jit(jax.grad(lambda x: (detection.box_iou(x, x) + detection.generalized_box_iou(x, x)).sum()))(a)
   assert np.isfinite(np.asarray(g)).all()
 
 
@@ -94,7 +94,8 @@ def test_iou_matches_torchvision_golden(golden):
     finite = np.isfinite(want)
     np.testing.assert_allclose(got[finite], want[finite], rtol=1e-6, atol=1e-7)
     assert (got[~finite] <= 0).all()
-    grads = jax.grad(lambda x, y: (fn(x, y) * golden["grad_weights"]).sum(), argnums=(0, 1))(
+    grads = jax.jit(jax.grad(lambda x, y: (fn(x, y) * golden["grad_weights"]).sum(),
+                             argnums=(0, 1)))(
         golden["grad_a"], golden["grad_b"])
     np.testing.assert_allclose(grads[0], golden[f"{name}_grad_a"], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(grads[1], golden[f"{name}_grad_b"], rtol=1e-4, atol=1e-6)
@@ -138,7 +139,8 @@ def test_box_coder_gradient_matches_finite_differences():
   d = rng.normal(size=(2, 4))
   w = rng.normal(size=(2, 4))
   weights = (10.0, 10.0, 5.0, 5.0)
-  grad = jax.grad(lambda x: (detection.BoxCoder(weights).decode(x, p) * w).sum())(jnp.float32(d))
+  grad = jax.jit(jax.grad(lambda x: (detection.BoxCoder(weights).decode(x, p) * w).sum()))(
+      jnp.float32(d))
   eps = 1e-5
   numeric = np.zeros_like(d)
   for idx in np.ndindex(d.shape):
@@ -222,8 +224,7 @@ def test_matcher_matches_reference_with_padded_gt(high, low, allow, seed):
 
 
 def test_matcher_matches_torchvision_golden(golden):
-  quality = np.nan_to_num(ref.box_iou(golden["match_gt"], golden["match_anchors"])).astype(
-      np.float32)
+  # torchvision's float32 IoUs with NaN -> 0, which is what box_iou gives.
   quality = np.asarray(detection.box_iou(golden["match_gt"], golden["match_anchors"]))
   for name, args in (("rpn", (0.7, 0.3, True)), ("heads", (0.5, 0.5, False)),
                      ("low", (0.4, 0.1, True))):
@@ -356,3 +357,58 @@ def test_bad_arguments_raise_clear_errors():
   with pytest.raises(ValueError, match="vmap"):
     detection.nms(jnp.zeros((2, 3, 4)), jnp.zeros((2, 3)), iou_threshold=0.5, max_output=3)
   assert math.isclose(detection.BoxCoder().scale_clamp, math.log(1000 / 16))
+
+
+# ------------------------------------------------------------------ torchvision itself
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_against_torchvision_directly(seed):
+  """Fresh random inputs through torchvision (skipped where it is not installed, as in CI;
+  run it with an environment that has both, e.g. PYTHONPATH=.:<jax site-packages> python -m
+  pytest with torch's interpreter)."""
+  torch = pytest.importorskip("torch", reason="torchvision not installed (CI has no torch)")
+  pytest.importorskip("torchvision", reason="torchvision not installed (CI has no torch)")
+  from torchvision.models.detection import _utils as det_utils
+  from torchvision.models.detection.anchor_utils import AnchorGenerator
+  from torchvision.models.detection.image_list import ImageList
+  from torchvision.ops import boxes as box_ops
+  rng = np.random.default_rng(100 + seed)
+  a, b = random_boxes(rng, 31), random_boxes(rng, 19, grid=3)
+  ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+  for fn, tfn in ((detection.box_iou, box_ops.box_iou),
+                  (detection.generalized_box_iou, box_ops.generalized_box_iou)):
+    want = tfn(ta, tb).numpy()
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(np.asarray(fn(a, b))[finite], want[finite], rtol=1e-6, atol=1e-7)
+  proposals = random_boxes(rng, 40, degenerate=0.0) + np.float32([0, 0, 1, 1])
+  gt = random_boxes(rng, 40, degenerate=0.0) + np.float32([0, 0, 1, 1])
+  deltas = (rng.normal(size=(40, 4)) * 3).astype(np.float32)
+  coder, tcoder = detection.BoxCoder(), det_utils.BoxCoder((10.0, 10.0, 5.0, 5.0))
+  np.testing.assert_allclose(coder.encode(gt, proposals), tcoder.encode_single(
+      torch.from_numpy(gt), torch.from_numpy(proposals)).numpy(), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(coder.decode(deltas, proposals), tcoder.decode_single(
+      torch.from_numpy(deltas), torch.from_numpy(proposals)).numpy(), rtol=1e-6, atol=1e-3)
+  sizes = tuple(tuple(float(s) for s in rng.uniform(8, 300, 2).round(1)) for _ in range(2))
+  ratios = tuple(float(r) for r in rng.uniform(0.2, 3, 3).round(2))
+  grids = [(7, 9), (4, 5)]
+  generator = AnchorGenerator(sizes, (ratios,) * 2)
+  want = generator(ImageList(torch.zeros(1, 3, 56, 72), [(56, 72)]),
+                   [torch.zeros(1, 1, *g) for g in grids])[0].numpy()
+  got = detection.AnchorGenerator(sizes, (ratios,), strides=(8, 14))(grids)
+  np.testing.assert_array_equal(np.concatenate(got), want)
+  quality = np.asarray(detection.box_iou(gt[:6], proposals))
+  for args in ((0.7, 0.3, True), (0.5, 0.5, False)):
+    np.testing.assert_array_equal(detection.Matcher(*args)(quality).matches,
+                                  det_utils.Matcher(*args)(torch.from_numpy(quality.copy())).numpy())
+  boxes = random_boxes(rng, 150, spread=30, grid=2)
+  scores = (np.round(rng.random(150) * 10) / 10).astype(np.float32)
+  classes = rng.integers(0, 3, 150)
+  for threshold in (0.3, 0.5):
+    kept = detection.nms(boxes, scores, iou_threshold=threshold, max_output=150)
+    np.testing.assert_array_equal(np.asarray(kept.indices)[np.asarray(kept.valid)],
+                                  box_ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores),
+                                              threshold).numpy())
+    kept = detection.batched_nms(boxes, scores, classes, iou_threshold=threshold, max_output=150)
+    want = box_ops._batched_nms_coordinate_trick(torch.from_numpy(boxes), torch.from_numpy(scores),
+                                                 torch.from_numpy(classes), threshold).numpy()
+    np.testing.assert_array_equal(np.asarray(kept.indices)[np.asarray(kept.valid)], want)

@@ -28,6 +28,7 @@ golden outputs, against torchvision itself):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple, Sequence
 
@@ -387,36 +388,41 @@ class Matcher:
     Returns:
       `Matches` with (N,) int32 arrays.
     """
+    quality = jnp.asarray(quality)
     if quality.ndim != 2:
       raise ValueError(f"quality must be (G, N) ground truth x predictions; got shape "
                        f"{tuple(quality.shape)}.")
-    quality = jnp.asarray(quality)
     num_gt, num_pred = quality.shape
     gt_valid = jnp.ones((num_gt,), bool) if gt_valid is None else jnp.asarray(gt_valid, bool)
     pred_valid = (jnp.ones((num_pred,), bool) if prediction_valid is None
                   else jnp.asarray(prediction_valid, bool))
-    valid = gt_valid[:, None] & pred_valid[None, :]
-    # Invalid pairs get a quality below every threshold and below every real IoU.
-    quality = jnp.where(valid, quality, -1.0)
-    if num_gt == 0:
-      best = jnp.full((num_pred,), -1.0, quality.dtype)
-      gt_index = jnp.zeros((num_pred,), jnp.int32)
-    else:
-      best = quality.max(axis=0)
-      gt_index = jnp.argmax(quality, axis=0).astype(jnp.int32)  # first maximum, as torch.max
-    matches = jnp.where(best >= self.high_threshold, gt_index,
-                        jnp.where(best >= self.low_threshold, BETWEEN_THRESHOLDS,
-                                  BELOW_LOW_THRESHOLD))
-    # No valid ground truth at all: every valid prediction is a negative.
-    matches = jnp.where(best < 0, BELOW_LOW_THRESHOLD, matches).astype(jnp.int32)
-    if self.allow_low_quality_matches and num_gt > 0:
-      highest_per_gt = quality.max(axis=1, keepdims=True)
-      is_best = (quality == highest_per_gt) & valid
-      low_quality = is_best.any(axis=0)
-      matches = jnp.where(low_quality, gt_index, matches)
-    matches = jnp.where(pred_valid, matches, BETWEEN_THRESHOLDS).astype(jnp.int32)
-    labels = jnp.where(matches >= 0, 1, jnp.where(matches == BELOW_LOW_THRESHOLD, 0, -1))
-    return Matches(matches, labels.astype(jnp.int32), gt_index)
+    return _match(quality, gt_valid, pred_valid, self.high_threshold, self.low_threshold,
+                  self.allow_low_quality_matches)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _match(quality, gt_valid, pred_valid, high_threshold, low_threshold, allow_low_quality_matches):
+  num_gt, num_pred = quality.shape
+  valid = gt_valid[:, None] & pred_valid[None, :]
+  # Invalid pairs get a quality below every threshold and below every real IoU.
+  quality = jnp.where(valid, quality, -1.0)
+  if num_gt == 0:
+    best = jnp.full((num_pred,), -1.0, quality.dtype)
+    gt_index = jnp.zeros((num_pred,), jnp.int32)
+  else:
+    best = quality.max(axis=0)
+    gt_index = jnp.argmax(quality, axis=0).astype(jnp.int32)  # first maximum, as torch.max
+  matches = jnp.where(best >= high_threshold, gt_index,
+                      jnp.where(best >= low_threshold, BETWEEN_THRESHOLDS, BELOW_LOW_THRESHOLD))
+  # No valid ground truth at all: every valid prediction is a negative.
+  matches = jnp.where(best < 0, BELOW_LOW_THRESHOLD, matches).astype(jnp.int32)
+  if allow_low_quality_matches and num_gt > 0:
+    highest_per_gt = quality.max(axis=1, keepdims=True)
+    is_best = (quality == highest_per_gt) & valid
+    matches = jnp.where(is_best.any(axis=0), gt_index, matches)
+  matches = jnp.where(pred_valid, matches, BETWEEN_THRESHOLDS).astype(jnp.int32)
+  labels = jnp.where(matches >= 0, 1, jnp.where(matches == BELOW_LOW_THRESHOLD, 0, -1))
+  return Matches(matches, labels.astype(jnp.int32), gt_index)
 
 
 # ------------------------------------------------------------------------------ sampler
@@ -435,6 +441,7 @@ class Sample(NamedTuple):
   valid: jax.Array
 
 
+@functools.partial(jax.jit, static_argnames=("batch_size_per_image", "positive_fraction"))
 def sample_balanced(key: jax.Array, labels: jax.Array, batch_size_per_image: int,
                     positive_fraction: float) -> Sample:
   """Random positives and negatives in a fixed proportion (Fast R-CNN, Girshick 2015, 2.3).
@@ -503,6 +510,7 @@ def _float32_threshold(threshold: float) -> np.float32:
   return np.nextafter(t, np.float32(-np.inf)) if float(t) > threshold else t
 
 
+@functools.partial(jax.jit, static_argnames=("iou_threshold", "max_output"))
 def batched_nms(boxes: jax.Array, scores: jax.Array, classes: jax.Array | None = None,
                 valid: jax.Array | None = None, *, iou_threshold: float,
                 max_output: int) -> Kept:

@@ -9,7 +9,6 @@ drawn here with a fixed NumPy seed and stored next to the outputs, so the test f
 same float32 numbers to zoo.detection.
 """
 
-import math
 import os
 
 import numpy as np
