@@ -22,6 +22,8 @@ m_bi = K Q - Q with K[i, j] = exp(-|f_i - f_j|^2 / 2). It is the only O(N^2) par
   |f_i - f_j|^2 = |a|^2 + |b|^2 - 2 a.b on the matrix unit with features re-centred on the query
   tile's centre (a = f_i - c, b = f_j - c) and skips key tiles whose feature bounding box is
   farther than `cutoff` from the query tile's (see `SKIP_EPSILON`); out += exp(-d^2 / 2) @ Q_tile.
+- `pallas_gpu` (kernels/dense_crf_mosaic_gpu.py, Hopper and newer) is the same algorithm on the
+  tensor cores (wgmma) with 8 x 8-pixel tiles and float32 operands as three bfloat16 parts.
 
 K is symmetric and m_bi = (K - I) Q is linear in Q, so the filter's custom VJP applies the same
 filter to the cotangent (its backward costs one forward filter). Gradients flow to the logits, to
@@ -172,12 +174,12 @@ class _TilePlan(NamedTuple):
   lanes: int            # D + 2 rounded up to 8
 
 
-def _tile_plan(static: _Static, d: int) -> _TilePlan:
-  blocks = static.blocks
+def _tile_plan(static: _Static, d: int, blocks: BlockSizes | None = None, pixels: int = 128) -> _TilePlan:
+  blocks = blocks or static.blocks
   tr, tc, kt = blocks.tile_rows, blocks.tile_cols, blocks.key_tiles
-  if tr <= 0 or tc <= 0 or kt <= 0 or tr % 8 or (tr * tc) % 128:
+  if tr <= 0 or tc <= 0 or kt <= 0 or tr % 8 or (tr * tc) % pixels:
     raise ValueError(f"{_OP}: block_sizes must have tile_rows a multiple of 8 and tile_rows * "
-                     f"tile_cols a multiple of 128 pixels, key_tiles >= 1; got {blocks}.")
+                     f"tile_cols a multiple of {pixels} pixels, key_tiles >= 1; got {blocks}.")
   hp, wp = _round_up(static.height, tr), _round_up(static.width, tc)
   tiles = _round_up((hp // tr) * (wp // tc), kt)
   return _TilePlan(tr, tc, tr * tc, tr * tc * kt, hp, wp, tiles, tiles // kt, tiles * tr * tc, d,
@@ -305,6 +307,21 @@ def _tpu_bilateral(static: _Static, features, q):
   return _from_tiles(out, plan, static)
 
 
+def _gpu_bilateral(static: _Static, features, q):
+  """(B, N, L) float32 bilateral message on the Mosaic GPU kernel (8 x 8 pixel tiles, fixed)."""
+  from kernels import dense_crf_mosaic_gpu as gpu
+  d = features.shape[-1]
+  if d > gpu.MAX_FEATURES:
+    raise ValueError(f"{_OP}: implementation='pallas_gpu' takes images of at most "
+                     f"{gpu.MAX_FEATURES - 2} channels, got {d - 2}; use 'xla'.")
+  plan = _tile_plan(static, d, BlockSizes(8, 8, 1), pixels=gpu.TILE)
+  f_tiles = _to_tiles(features, plan, static, "edge")
+  q_tiles = _to_tiles(q, plan, static, "constant")
+  out = gpu.bilateral(f_tiles, q_tiles, _tile_boxes(f_tiles, gpu.TILE), SKIP_DISTANCE2,
+                      _common.interpret("pallas_gpu"))
+  return _from_tiles(out, plan, static)
+
+
 # ---------------------------------------------------------------------------------------------
 # The filter with its custom VJP (K - I is symmetric, so the adjoint is the same filter).
 
@@ -314,6 +331,8 @@ def _bilateral_impl(static: _Static, features, q):
     return _xla_bilateral(features, q)
   if static.implementation == "pallas_tpu":
     return _tpu_bilateral(static, features, q)
+  if static.implementation == "pallas_gpu":
+    return _gpu_bilateral(static, features, q)
   raise AssertionError(static.implementation)
 
 
@@ -411,7 +430,7 @@ def _check_weight(value, name):
     raise ValueError(f"{_OP}: {name} must be a real number, got {jnp.result_type(value)}.")
 
 
-_IMPLEMENTATIONS = ("xla", "pallas_tpu")
+_IMPLEMENTATIONS = ("xla", "pallas_tpu", "pallas_gpu")
 
 
 def dense_crf(logits: jax.Array, image: jax.Array, *, iterations: int = 10, pos_w=3.0,
@@ -432,8 +451,9 @@ def dense_crf(logits: jax.Array, image: jax.Array, *, iterations: int = 10, pos_
     bi_rgb_std: its colour standard deviation in image units (Python float).
     compatibility: (L, L) label compatibility mu; mu[l, l'] scales the message of label l' in
       label l's energy. None: Potts, 1 - identity.
-    implementation: "auto", "xla" or "pallas_tpu" (Mosaic TPU; interpret mode elsewhere).
-    block_sizes: the Pallas kernels' pixel tiles.
+    implementation: "auto", "xla", "pallas_tpu" (Mosaic TPU) or "pallas_gpu" (Mosaic GPU,
+      Hopper and newer); a Pallas one runs in interpret mode without its accelerator.
+    block_sizes: the TPU kernel's pixel tiles (the GPU kernel's are 8 x 8 pixels, fixed).
 
   Returns:
     Q (B, H, W, L) in the logits' dtype (computed in float32), rows summing to 1. Differentiable
