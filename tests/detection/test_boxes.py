@@ -290,19 +290,20 @@ def test_sampler_is_uniform_over_positives_and_negatives():
 
 # ------------------------------------------------------------------ NMS
 
-@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
+@pytest.mark.parametrize("threshold,tile_size", [(0.3, 512), (0.5, 16), (0.7, 7)])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_nms_matches_reference_with_ties(threshold, seed):
+def test_nms_matches_reference_with_ties(threshold, tile_size, seed):
   rng = np.random.default_rng(seed)
   boxes = random_boxes(rng, 80, spread=25, grid=2)
   scores = (np.round(rng.random(80) * 10) / 10).astype(np.float32)
   classes = rng.integers(0, 3, 80)
   want = ref.nms(boxes, scores, threshold)
-  kept = jax.jit(lambda b, s: detection.nms(b, s, iou_threshold=threshold, max_output=80))(
-      boxes, scores)
+  kept = jax.jit(lambda b, s: detection.nms(b, s, iou_threshold=threshold, max_output=80,
+                                            tile_size=tile_size))(boxes, scores)
   np.testing.assert_array_equal(np.asarray(kept.indices)[np.asarray(kept.valid)], want)
   want = ref.batched_nms(boxes, scores, classes, threshold)
-  kept = detection.batched_nms(boxes, scores, classes, iou_threshold=threshold, max_output=30)
+  kept = detection.batched_nms(boxes, scores, classes, iou_threshold=threshold, max_output=30,
+                               tile_size=tile_size)
   n = min(len(want), 30)
   np.testing.assert_array_equal(np.asarray(kept.indices)[:n], want[:n])
   assert int(kept.valid.sum()) == n
@@ -319,6 +320,18 @@ def test_nms_matches_torchvision_golden(golden):
     # The coordinate-offset path orders by its stable nms sort, like ours.
     np.testing.assert_array_equal(got, golden[f"batched_trick_keep_{t}"])
     np.testing.assert_array_equal(np.sort(got), np.sort(golden[f"batched_keep_{t}"]))
+
+
+@pytest.mark.parametrize("tile_size", [512, 16, 5])
+def test_nms_suppression_chain_across_tiles(tile_size):
+  # Sliding boxes with decreasing scores: each overlaps its neighbours (IoU 0.78 > 0.7) but not
+  # the boxes two away (IoU 0.6), so greedy NMS keeps every other box, a chain 60 long.
+  x = np.arange(60, dtype=np.float32) * 16
+  boxes = np.stack([x, 0 * x, x + 128, 0 * x + 128], 1)
+  scores = np.linspace(1, 0.1, 60).astype(np.float32)
+  kept = detection.nms(boxes, scores, iou_threshold=0.7, max_output=60, tile_size=tile_size)
+  np.testing.assert_array_equal(np.asarray(kept.indices)[np.asarray(kept.valid)],
+                                np.arange(0, 60, 2))
 
 
 def test_nms_padding_and_vmap():

@@ -510,10 +510,10 @@ def _float32_threshold(threshold: float) -> np.float32:
   return np.nextafter(t, np.float32(-np.inf)) if float(t) > threshold else t
 
 
-@functools.partial(jax.jit, static_argnames=("iou_threshold", "max_output"))
+@functools.partial(jax.jit, static_argnames=("iou_threshold", "max_output", "tile_size"))
 def batched_nms(boxes: jax.Array, scores: jax.Array, classes: jax.Array | None = None,
-                valid: jax.Array | None = None, *, iou_threshold: float,
-                max_output: int) -> Kept:
+                valid: jax.Array | None = None, *, iou_threshold: float, max_output: int,
+                tile_size: int = 512) -> Kept:
   """Greedy non-maximum suppression within each class, fixed output size.
 
   torchvision's semantics: boxes visited by decreasing score (a stable sort: equal scores in
@@ -523,7 +523,11 @@ def batched_nms(boxes: jax.Array, scores: jax.Array, classes: jax.Array | None =
   kernel does (an IoU that rounds to float32(0.3) suppresses at threshold 0.3).
   Classes are kept apart exactly (pairs of different classes never suppress each other)
   instead of torchvision's coordinate-offset trick, which can round IoUs of far-offset boxes.
-  Costs O(N^2) memory and N sequential steps.
+
+  The sorted boxes go in tiles of `tile_size`: a tile's boxes are first suppressed by the
+  boxes kept in earlier tiles (one (N, tile) IoU block), then resolved among themselves by a
+  fixed-point iteration that ends when nothing changes. O(N^2) work, O(N * tile) memory,
+  (number of tiles) x (suppression-chain length) sequential steps instead of N.
 
   Args:
     boxes: (N, 4) float (x1, y1, x2, y2) pixels.
@@ -532,6 +536,7 @@ def batched_nms(boxes: jax.Array, scores: jax.Array, classes: jax.Array | None =
     valid: (N,) bool, False for padding; None: all valid.
     iou_threshold: suppression threshold (strictly greater suppresses).
     max_output: the number of output slots (static); the highest-scoring kept boxes fill them.
+    tile_size: boxes resolved together (static); results do not depend on it.
 
   Returns:
     `Kept` with (max_output,) arrays.
@@ -551,17 +556,43 @@ def batched_nms(boxes: jax.Array, scores: jax.Array, classes: jax.Array | None =
   order = jnp.lexsort((jnp.arange(n), -scores.astype(jnp.float32), ~valid))
   sorted_boxes = boxes[order]
   sorted_valid = valid[order]
-  overlap = box_iou(sorted_boxes, sorted_boxes) > _float32_threshold(iou_threshold)
-  if classes is not None:
-    sorted_classes = jnp.asarray(classes)[order]
-    overlap &= sorted_classes[:, None] == sorted_classes[None, :]
+  sorted_classes = (jnp.zeros((n,), jnp.int32) if classes is None
+                    else jnp.asarray(classes)[order])
+  tile = max(1, min(tile_size, n))
+  num_tiles = -(-n // tile)
+  padded = num_tiles * tile
+  pad = lambda x, value: jnp.concatenate([x, jnp.full((padded - n,) + x.shape[1:], value, x.dtype)])
+  sorted_boxes, sorted_valid = pad(sorted_boxes, 0), pad(sorted_valid, False)
+  sorted_classes = pad(sorted_classes, 0)
+  threshold = _float32_threshold(iou_threshold)
 
-  def visit(i, keep):
-    # Box i survives if no kept earlier box overlaps it; the suppression reads only rows < i.
-    suppressed = jnp.any(keep & overlap[:, i] & (jnp.arange(n) < i))
-    return keep.at[i].set(sorted_valid[i] & ~suppressed)
+  def overlaps(rows, row_classes, cols, col_classes):
+    return (box_iou(rows, cols) > threshold) & (row_classes[:, None] == col_classes[None, :])
 
-  keep = jax.lax.fori_loop(0, n, visit, jnp.zeros((n,), bool))
+  def visit_tile(t, keep):
+    start = t * tile
+    boxes_t = jax.lax.dynamic_slice_in_dim(sorted_boxes, start, tile)
+    classes_t = jax.lax.dynamic_slice_in_dim(sorted_classes, start, tile)
+    valid_t = jax.lax.dynamic_slice_in_dim(sorted_valid, start, tile)
+    # Suppressed by a box kept in an earlier tile (keep holds only earlier tiles so far).
+    by_earlier = overlaps(sorted_boxes, sorted_classes, boxes_t, classes_t) & keep[:, None]
+    candidate = valid_t & ~by_earlier.any(axis=0)
+    # Within the tile the greedy result is the fixed point of
+    # keep_j = candidate_j and no kept i < j overlaps j; iterating from any start fixes
+    # one more leading entry per step, and stops as soon as nothing changes (chains of
+    # suppression are short in practice, at most `tile` long).
+    later = jnp.arange(tile)[:, None] < jnp.arange(tile)[None, :]
+    within = overlaps(boxes_t, classes_t, boxes_t, classes_t) & later
+
+    def step(state):
+      current, _ = state
+      new = candidate & ~jnp.any(within & current[:, None], axis=0)
+      return new, jnp.any(new != current)
+
+    keep_t, _ = jax.lax.while_loop(lambda state: state[1], step, (candidate, True))
+    return jax.lax.dynamic_update_slice_in_dim(keep, keep_t, start, axis=0)
+
+  keep = jax.lax.fori_loop(0, num_tiles, visit_tile, jnp.zeros((padded,), bool))[:n]
   # The kept positions in sorted order: a stable sort puts kept ones first.
   rank = jnp.argsort(~keep, stable=True)
   count = keep.sum()
@@ -573,7 +604,7 @@ def batched_nms(boxes: jax.Array, scores: jax.Array, classes: jax.Array | None =
 
 
 def nms(boxes: jax.Array, scores: jax.Array, valid: jax.Array | None = None, *,
-        iou_threshold: float, max_output: int) -> Kept:
+        iou_threshold: float, max_output: int, tile_size: int = 512) -> Kept:
   """Class-agnostic NMS: `batched_nms` with every box in one class (torchvision's `nms`)."""
   return batched_nms(boxes, scores, None, valid, iou_threshold=iou_threshold,
-                     max_output=max_output)
+                     max_output=max_output, tile_size=tile_size)
