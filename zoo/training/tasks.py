@@ -127,8 +127,14 @@ class MultiLabelClassification:
     return logits > 0
 
 
+def _detection(**kwargs):
+  from zoo.detection.task import Detection  # imports the detector's code only when asked for
+  return Detection(**kwargs)
+
+
 TASKS = {"semantic_segmentation": SemanticSegmentation,
-         "multi_label_classification": MultiLabelClassification}
+         "multi_label_classification": MultiLabelClassification,
+         "detection": _detection}
 
 
 def create_task(task_config) -> Task:

@@ -77,13 +77,18 @@ def train_step(state: TrainState, batch: dict, rng, *, model: nn.Module, task: T
   step_rng = jax.random.fold_in(rng, state.step)
   mutable = list(state.model_state)
 
+  # A task may hand the model some of the batch (a detector samples RoIs against ground truth).
+  model_targets = getattr(task, "model_targets", ())
+  kwargs = {"targets": {k: batch[k] for k in model_targets}} if model_targets else {}
+  rngs = {"dropout": step_rng, "sampling": jax.random.fold_in(step_rng, 1)}
+
   def loss_fn(params):
     variables = {"params": params, **state.model_state}
     if mutable:
       (outputs, _), new_model_state = model.apply(
-          variables, batch["image"], train=True, mutable=mutable, rngs={"dropout": step_rng})
+          variables, batch["image"], train=True, mutable=mutable, rngs=rngs, **kwargs)
     else:
-      outputs, _ = model.apply(variables, batch["image"], train=True, rngs={"dropout": step_rng})
+      outputs, _ = model.apply(variables, batch["image"], train=True, rngs=rngs, **kwargs)
       new_model_state = {}
     loss, metrics = task.loss(outputs, batch)
     return loss, (metrics, new_model_state)
@@ -173,10 +178,18 @@ class Experiment:
     batches = pipeline.eval_batches(
         self.data_source(split), global_batch_size=self.config.eval_batch_size,
         features=self.task.features, max_objects=self.config.data.max_objects)
-    sums = None
+    # Additive totals, or (tasks with `eval_concatenates`, e.g. detection AP) every example's
+    # outputs, concatenated on the host.
+    concatenate = getattr(self.task, "eval_concatenates", False)
+    sums, gathered = None, []
     for local_batch in batches:
       batch_sums = self._eval_step(state, mesh_lib.global_batch(local_batch, self.mesh))
-      sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
+      if concatenate:
+        gathered.append(jax.device_get(batch_sums))
+      else:
+        sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
+    if concatenate:
+      sums = jax.tree.map(lambda *xs: np.concatenate(xs), *gathered)
     return self.task.summarize(jax.device_get(sums))
 
   def predict(self, state: TrainState, images):

@@ -1,0 +1,106 @@
+"""Object detection and instance segmentation as a trainer task (Faster / Mask R-CNN).
+
+Losses are detectron2's defaults, from the targets the model sampled (zoo.detection.rcnn):
+- RPN: binary cross-entropy of the sampled anchors' objectness, and L1 (smooth L1 with beta 0)
+  of the positive anchors' deltas, both summed and divided by rpn_batch_size_per_image x B;
+- box head: softmax cross-entropy over the sampled RoIs (mean), L1 of the positive RoIs'
+  gt-class deltas summed and divided by the number of sampled RoIs;
+- mask head: per-pixel binary cross-entropy of the positive RoIs' gt-class masks (mean).
+
+Evaluation collects every image's detections (the trainer concatenates them over the split:
+`eval_concatenates`) and computes COCO's box AP (and mask AP with masks) on them with
+`zoo.metrics`. Category ids are the dataset labels + 1 (0 is the model's background).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from zoo.detection.rcnn import paste_masks
+from zoo.metrics import coco
+
+
+def _l1(x, y, weight):
+  return jnp.sum(jnp.abs(x - y).sum(-1) * weight)
+
+
+class Detection:
+  """Faster R-CNN / Mask R-CNN losses and COCO evaluation (module doc)."""
+
+  eval_concatenates = True
+
+  def __init__(self, num_classes: int, masks: bool = False, rpn_batch_size_per_image: int = 256):
+    self.num_classes = num_classes
+    self.masks = masks
+    self.rpn_batch_size_per_image = rpn_batch_size_per_image
+    self.features = ("image", "boxes", "labels", "objects_valid") + (
+        ("instance_masks",) if masks else ())
+    self.model_targets = self.features[1:]
+
+  def loss(self, outputs, batch):
+    rpn, box = outputs["rpn"], outputs["box"]
+    b = rpn["logits"].shape[0]
+    normalizer = self.rpn_batch_size_per_image * b
+    rpn_objectness = jnp.sum(optax.sigmoid_binary_cross_entropy(rpn["logits"], rpn["labels"])
+                             * rpn["valid"]) / normalizer
+    rpn_box = _l1(rpn["deltas"], rpn["target_deltas"], rpn["positive"]) / normalizer
+    sampled = jnp.maximum(box["valid"].sum(), 1)
+    box_cls = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
+        box["class_logits"], box["classes"]) * box["valid"]) / sampled
+    box_reg = _l1(box["deltas"], box["target_deltas"], box["positive"]) / sampled
+    losses = {"rpn_objectness": rpn_objectness, "rpn_box": rpn_box, "box_cls": box_cls,
+              "box_reg": box_reg}
+    if self.masks:
+      mask = outputs["mask"]
+      per_roi = optax.sigmoid_binary_cross_entropy(mask["logits"], mask["targets"]).mean((-2, -1))
+      losses["mask"] = jnp.sum(per_roi * mask["valid"]) / jnp.maximum(mask["valid"].sum(), 1)
+    total = sum(losses.values())
+    return total, dict(losses, loss=total)
+
+  def eval_sums(self, detections, batch):
+    """Per-image detections and ground truth, concatenated over the split by the trainer."""
+    out = {k: detections[k] for k in ("boxes", "scores", "classes", "valid")}
+    out["valid"] = out["valid"] & batch["example_valid"][:, None]
+    out.update(gt_boxes=batch["boxes"], gt_labels=batch["labels"] + 1,
+               gt_valid=batch["objects_valid"] & batch["example_valid"][:, None])
+    if self.masks:
+      size = batch["image"].shape[1:3]
+      out["masks"] = jax.vmap(lambda m, b: paste_masks(m, b, size) >= 0.5)(
+          detections["masks"], detections["boxes"])
+      out["gt_masks"] = batch["instance_masks"]
+    return out
+
+  def summarize(self, gathered) -> dict:
+    g = {k: np.asarray(v) for k, v in gathered.items()}
+    gt_areas = g["gt_masks"].sum((-2, -1)).astype(np.float64) if self.masks else None
+    result = {f"box_{k}": v for k, v in coco.coco_evaluate_padded(
+        g["gt_boxes"], g["gt_labels"], g["gt_valid"], g["boxes"], g["scores"], g["classes"],
+        g["valid"], gt_areas=gt_areas).items()}
+    if self.masks:
+      result.update({f"mask_{k}": v for k, v in self._mask_ap(g).items()})
+    return result
+
+  def _mask_ap(self, g) -> dict:
+    """COCO mask AP from the pasted masks, through the COCO interchange format (RLE)."""
+    images, annotations, detections = [], [], []
+    height, width = g["gt_masks"].shape[-2:]
+    for i in range(g["gt_valid"].shape[0]):
+      images.append({"id": i, "height": height, "width": width})
+      for j in np.flatnonzero(g["gt_valid"][i]):
+        rle = coco.rle_encode(g["gt_masks"][i, j])
+        x1, y1, x2, y2 = (float(v) for v in g["gt_boxes"][i, j])
+        annotations.append({"id": len(annotations) + 1, "image_id": i, "iscrowd": 0,
+                            "category_id": int(g["gt_labels"][i, j]), "segmentation": rle,
+                            "area": float(g["gt_masks"][i, j].sum()),
+                            "bbox": [x1, y1, x2 - x1, y2 - y1]})
+      for j in np.flatnonzero(g["valid"][i]):
+        detections.append({"image_id": i, "category_id": int(g["classes"][i, j]),
+                           "score": float(g["scores"][i, j]),
+                           "segmentation": coco.rle_encode(g["masks"][i, j])})
+    categories = [{"id": c} for c in range(1, self.num_classes + 1)]
+    ground_truth = {"images": images, "annotations": annotations, "categories": categories}
+    return coco.coco_evaluate(ground_truth, detections, iou_type="segm")
+
+  def predict(self, detections):
+    return detections
