@@ -59,13 +59,23 @@ def test_train_batches_hold_the_source_examples(tiny_sources):
     check_row_against_source(batch, row, source, max_objects=6)
 
 
-def test_objects_are_truncated_to_max_objects(tiny_sources):
+def test_more_objects_than_max_objects_is_a_clear_error(tiny_sources):
   source = tiny_sources["train"]
-  batch = next(pipeline.train_batches(source, global_batch_size=32, seed=0, max_objects=1,
-                                      features=("labels", "id"), process_index=0, process_count=1))
-  assert batch["labels"].shape == (32, 1) and batch["objects_valid"].all()
-  for row in range(32):
-    assert batch["labels"][row, 0] == source[int(batch["id"][row])]["objects"]["label"][0]
+  most = max(len(source[i]["objects"]["label"]) for i in range(len(source)))
+  assert most > 1
+  batches = pipeline.train_batches(source, global_batch_size=32, seed=0, max_objects=1,
+                                   features=("labels", "id"), process_index=0, process_count=1)
+  with pytest.raises(ValueError, match=r"more than max_objects=1; raise it \(--config.data.max_objects="):
+    next(batches)
+
+
+def test_reversed_boxes_are_rejected():
+  example = {"id": 7, "image": np.zeros((4, 4, 3), np.uint8),
+             "objects": {"label": np.array([1]), "bbox": np.array([[0.5, 0.6, 0.7, 0.2]], np.float32),
+                         "mask": np.zeros((1, 4, 4), bool)}}
+  with pytest.raises(ValueError, match="Example 7 has a box with x2 < x1"):
+    pipeline._example_arrays(example, features=("boxes", "labels"), max_objects=2,
+                             canvas_shape=(4, 4))
 
 
 def test_only_requested_features_are_returned_and_decoded(tiny_sources):

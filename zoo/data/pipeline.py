@@ -25,7 +25,8 @@ The source holds examples in the `digit_canvases` layout (`zoo/data/digit_canvas
   id:              (B,) int32, the example's index in its split; -1 on eval padding.
   example_valid:   (B,) bool, eval batches only: False on the rows padding the last batch.
 
-Objects are padded or truncated (keeping the first, i.e. bottom-most) to M = max_objects.
+Objects are padded to M = max_objects; an example with more objects, or with a box whose
+x2 < x1 or y2 < y1, is rejected with a ValueError naming it (and the config field to raise).
 Only the requested features are decoded: a U-Net reading image + segmentation never
 decompresses instance masks.
 """
@@ -220,12 +221,18 @@ def _example_arrays(example: dict, *, features: tuple[str, ...], max_objects: in
   if not any(f in _OBJECT_FEATURES for f in features):
     return out
   objects = example["objects"]
-  num = min(len(objects["label"]), max_objects)
+  num = len(objects["label"])
+  if num > max_objects:
+    raise ValueError(f"Example {example.get('id', '?')} has {num} objects, more than max_objects="
+                     f"{max_objects}; raise it (--config.data.max_objects={num} or more).")
   height, width = canvas_shape
   if "boxes" in features:
     boxes = np.zeros((max_objects, 4), np.float32)
     if num:
       ymin, xmin, ymax, xmax = np.asarray(objects["bbox"][:num], np.float32).reshape(num, 4).T
+      if np.any(xmax < xmin) or np.any(ymax < ymin):
+        raise ValueError(f"Example {example.get('id', '?')} has a box with x2 < x1 or y2 < y1 "
+                         f"(normalised ymin, xmin, ymax, xmax: {objects['bbox']}); fix the data.")
       boxes[:num] = np.stack([xmin * width, ymin * height, xmax * width, ymax * height], -1)
     out["boxes"] = boxes
   if "labels" in features:
