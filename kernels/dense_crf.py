@@ -55,8 +55,10 @@ SKIP_EPSILON = 1e-12
 SKIP_DISTANCE2 = 2.0 * math.log(1.0 / SKIP_EPSILON)   # exp(-d^2 / 2) < eps  <=>  d^2 > this
 
 # The xla filter's working set: one (B, chunk, N) float32 kernel block of at most this many
-# elements (64 MiB).
+# elements: 64 MiB on accelerators (parallelism), 512 KiB on a CPU, where a block that stays in
+# the L2 cache between the exponentials and the product ran 2-3x faster (96x128 image, L = 21).
 _XLA_BLOCK_ELEMENTS = 1 << 24
+_XLA_BLOCK_ELEMENTS_CPU = 1 << 17
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +115,8 @@ def spatial_filter(q, pos_xy_std):
 
 
 def _xla_chunk(n, batch):
-  chunk = _XLA_BLOCK_ELEMENTS // max(n * batch, 1)
+  budget = _XLA_BLOCK_ELEMENTS_CPU if _common._local_platform() == "cpu" else _XLA_BLOCK_ELEMENTS
+  chunk = budget // max(n * batch, 1)
   return max(8, min(_round_up(n, 8), chunk // 8 * 8))
 
 

@@ -86,6 +86,7 @@ def test_query_chunks_and_padding(rng, monkeypatch):
   logits, image = random_inputs(rng, b, h, w, l, c, params)
   expected = crf_reference.dense_crf(logits, image, 3, **params)
   monkeypatch.setattr(dense_crf_module, "_XLA_BLOCK_ELEMENTS", 16 * h * w)
+  monkeypatch.setattr(dense_crf_module, "_XLA_BLOCK_ELEMENTS_CPU", 16 * h * w)
   assert dense_crf_module._xla_chunk(h * w, b) == 16
   q = kernels.dense_crf(logits, image, iterations=3, implementation="xla", **params)
   np.testing.assert_allclose(q, expected, rtol=1e-4, atol=2e-5)
