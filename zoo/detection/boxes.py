@@ -513,7 +513,7 @@ def _float32_threshold(threshold: float) -> np.float32:
 @functools.partial(jax.jit, static_argnames=("iou_threshold", "max_output", "tile_size"))
 def batched_nms(boxes: jax.Array, scores: jax.Array, classes: jax.Array | None = None,
                 valid: jax.Array | None = None, *, iou_threshold: float, max_output: int,
-                tile_size: int = 512) -> Kept:
+                tile_size: int = 1024) -> Kept:
   """Greedy non-maximum suppression within each class, fixed output size.
 
   torchvision's semantics: boxes visited by decreasing score (a stable sort: equal scores in
@@ -574,9 +574,12 @@ def batched_nms(boxes: jax.Array, scores: jax.Array, classes: jax.Array | None =
     boxes_t = jax.lax.dynamic_slice_in_dim(sorted_boxes, start, tile)
     classes_t = jax.lax.dynamic_slice_in_dim(sorted_classes, start, tile)
     valid_t = jax.lax.dynamic_slice_in_dim(sorted_valid, start, tile)
-    # Suppressed by a box kept in an earlier tile (keep holds only earlier tiles so far).
-    by_earlier = overlaps(sorted_boxes, sorted_classes, boxes_t, classes_t) & keep[:, None]
-    candidate = valid_t & ~by_earlier.any(axis=0)
+    # Suppressed by a box kept in an earlier tile (keep holds only earlier tiles so far). With
+    # one tile there is none (and XLA would spend minutes constant-folding `x & False`).
+    candidate = valid_t
+    if num_tiles > 1:
+      by_earlier = overlaps(sorted_boxes, sorted_classes, boxes_t, classes_t) & keep[:, None]
+      candidate &= ~by_earlier.any(axis=0)
     # Within the tile the greedy result is the fixed point of
     # keep_j = candidate_j and no kept i < j overlaps j; iterating from any start fixes
     # one more leading entry per step, and stops as soon as nothing changes (chains of
@@ -604,7 +607,7 @@ def batched_nms(boxes: jax.Array, scores: jax.Array, classes: jax.Array | None =
 
 
 def nms(boxes: jax.Array, scores: jax.Array, valid: jax.Array | None = None, *,
-        iou_threshold: float, max_output: int, tile_size: int = 512) -> Kept:
+        iou_threshold: float, max_output: int, tile_size: int = 1024) -> Kept:
   """Class-agnostic NMS: `batched_nms` with every box in one class (torchvision's `nms`)."""
   return batched_nms(boxes, scores, None, valid, iou_threshold=iou_threshold,
                      max_output=max_output, tile_size=tile_size)
