@@ -101,6 +101,21 @@ def test_iou_matches_torchvision_golden(golden):
     np.testing.assert_allclose(grads[1], golden[f"{name}_grad_b"], rtol=1e-4, atol=1e-6)
 
 
+def test_iou_and_coder_under_vmap_and_jit():
+  rng = np.random.default_rng(7)
+  a = np.stack([random_boxes(rng, 6, degenerate=0.0) + np.float32([0, 0, 1, 1]) for _ in range(3)])
+  b = np.stack([random_boxes(rng, 4, degenerate=0.0) + np.float32([0, 0, 1, 1]) for _ in range(3)])
+  iou = jax.jit(jax.vmap(detection.box_iou))(a, b)
+  giou = jax.jit(jax.vmap(detection.generalized_box_iou))(a, b)
+  coder = detection.BoxCoder()
+  deltas = jax.jit(jax.vmap(coder.encode))(a[:, :4], b)
+  decoded = jax.jit(jax.vmap(coder.decode))(deltas, b)
+  for i in range(3):
+    np.testing.assert_allclose(iou[i], ref.box_iou(a[i], b[i]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(giou[i], ref.generalized_box_iou(a[i], b[i]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(decoded[i], a[i, :4], rtol=1e-5, atol=1e-3)
+
+
 # ------------------------------------------------------------------ box coder
 
 @pytest.mark.parametrize("weights", [(10.0, 10.0, 5.0, 5.0), (1.0, 1.0, 1.0, 1.0), (2.0, 3.0, 0.5, 7.0)])

@@ -144,6 +144,84 @@ def test_voc_evaluate_with_difficult_objects():
   assert metrics.voc_evaluate(gt, dets, inclusive_pixels=False)["mAP"] == pytest.approx(0.5)
 
 
+def voc_eval_transcription(gt, dets, label, threshold, use_07):
+  """detectron2's pascal_voc_evaluation.voc_eval, transcribed (its per-class loop, +1 widths)."""
+  class_recs, npos = {}, 0
+  for i, g in enumerate(gt):
+    sel = np.asarray(g["labels"]) == label
+    bbox = np.asarray(g["boxes"], float).reshape(-1, 4)[sel]
+    difficult = np.asarray(g["difficult"], bool)[sel]
+    npos += int(np.sum(~difficult))
+    class_recs[i] = {"bbox": bbox, "difficult": difficult, "det": [False] * len(bbox)}
+  ids, confidence, boxes = [], [], []
+  for i, d in enumerate(dets):
+    for box, score, lab in zip(d["boxes"], d["scores"], d["labels"]):
+      if lab == label:
+        ids.append(i)
+        confidence.append(score)
+        boxes.append(box)
+  sorted_ind = np.argsort(-np.array(confidence))
+  bb_all = np.array(boxes, float).reshape(-1, 4)[sorted_ind]
+  ids = [ids[x] for x in sorted_ind]
+  tp, fp = np.zeros(len(ids)), np.zeros(len(ids))
+  for d in range(len(ids)):
+    r = class_recs[ids[d]]
+    bb, ovmax, bbgt = bb_all[d], -np.inf, r["bbox"]
+    if bbgt.size > 0:
+      ixmin, iymin = np.maximum(bbgt[:, 0], bb[0]), np.maximum(bbgt[:, 1], bb[1])
+      ixmax, iymax = np.minimum(bbgt[:, 2], bb[2]), np.minimum(bbgt[:, 3], bb[3])
+      iw, ih = np.maximum(ixmax - ixmin + 1.0, 0.0), np.maximum(iymax - iymin + 1.0, 0.0)
+      inters = iw * ih
+      uni = ((bb[2] - bb[0] + 1.0) * (bb[3] - bb[1] + 1.0) +
+             (bbgt[:, 2] - bbgt[:, 0] + 1.0) * (bbgt[:, 3] - bbgt[:, 1] + 1.0) - inters)
+      overlaps = inters / uni
+      ovmax, jmax = np.max(overlaps), np.argmax(overlaps)
+    if ovmax > threshold:
+      if not r["difficult"][jmax]:
+        if not r["det"][jmax]:
+          tp[d], r["det"][jmax] = 1.0, True
+        else:
+          fp[d] = 1.0
+    else:
+      fp[d] = 1.0
+  fp, tp = np.cumsum(fp), np.cumsum(tp)
+  rec = tp / float(npos)
+  prec = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+  if use_07:
+    return sum((np.max(prec[rec >= t]) if np.sum(rec >= t) else 0) / 11.0
+               for t in np.arange(0.0, 1.1, 0.1))
+  mrec, mpre = np.concatenate(([0.0], rec, [1.0])), np.concatenate(([0.0], prec, [0.0]))
+  for i in range(mpre.size - 1, 0, -1):
+    mpre[i - 1] = np.maximum(mpre[i - 1], mpre[i])
+  i = np.where(mrec[1:] != mrec[:-1])[0]
+  return np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_voc_evaluate_matches_transcription_on_random_data(seed):
+  rng = np.random.default_rng(seed)
+  gt, dets = [], []
+  for _ in range(12):
+    n = int(rng.integers(0, 6))
+    xy = rng.integers(0, 200, (n, 2))
+    boxes = np.concatenate([xy, xy + rng.integers(5, 150, (n, 2))], 1).astype(float)
+    labels = rng.integers(0, 3, n)
+    gt.append({"boxes": boxes, "labels": labels, "difficult": rng.random(n) < 0.2})
+    m = int(rng.integers(0, 8))
+    pick = rng.integers(0, max(n, 1), m)
+    near = boxes[pick] + rng.normal(0, 8, (m, 4)) if n else rng.uniform(0, 300, (m, 4))
+    near[:, 2:] = np.maximum(near[:, 2:], near[:, :2] + 2)
+    dets.append({"boxes": near, "scores": rng.random(m),  # distinct scores: no tie order
+                 "labels": np.where(rng.random(m) < 0.8, labels[pick] if n else 0,
+                                    rng.integers(0, 3, m))})
+  for use_07 in (True, False):
+    result = metrics.voc_evaluate(gt, dets, use_07_metric=use_07)
+    for label, ap in result["AP"].items():
+      npos = sum(int(np.sum((np.asarray(g["labels"]) == label) & ~g["difficult"])) for g in gt)
+      if npos:
+        assert ap == pytest.approx(voc_eval_transcription(gt, dets, label, 0.5, use_07), abs=1e-12)
+
+
 def test_bad_input_raises_clear_errors():
   gt = box_gt([[0, 0, 10, 10]])
   with pytest.raises(ValueError, match="iou_type"):
@@ -152,8 +230,10 @@ def test_bad_input_raises_clear_errors():
     metrics.coco_evaluate({"annotations": []}, [])
   with pytest.raises(ValueError, match="image_id 7"):
     metrics.coco_evaluate(gt, [det([0, 0, 1, 1], 0.5, image=7)])
-  with pytest.raises(ValueError, match="lacks 'segmentation'"):
+  with pytest.raises(ValueError, match="has no 'segmentation'"):
     metrics.coco_evaluate(gt, [det([0, 0, 1, 1], 0.5)], "segm")
+  with pytest.raises(ValueError, match="lacks 'segmentation'"):
+    metrics.coco_evaluate(gt, [{"image_id": 1, "category_id": 1, "score": 0.5}])
   dup = copy.deepcopy(gt)
   dup["annotations"].append(dict(dup["annotations"][0]))
   with pytest.raises(ValueError, match="twice"):
@@ -292,6 +372,10 @@ def test_mask_ap_matches_pycocotools(seed, det_masks, det_boxes):
   assert_close(metrics.coco_evaluate(gt, dets, "segm"), want)
   if not det_boxes:  # "bbox" from detections without boxes: boxes from the masks (toBbox)
     assert_close(metrics.coco_evaluate(gt, dets, "bbox"), pycocotools_evaluate(gt, dets, "bbox"))
+  else:  # "segm" of box detections without masks: the boxes' polygons
+    boxes_only = [{k: v for k, v in d.items() if k != "segmentation"} for d in dets]
+    assert_close(metrics.coco_evaluate(gt, boxes_only, "segm"),
+                 pycocotools_evaluate(gt, boxes_only, "segm"))
 
 
 def test_quirks_match_pycocotools():

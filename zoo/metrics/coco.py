@@ -22,7 +22,8 @@ What "exactly as COCOeval" means here (pycocotools 2.0, `cocoeval.py`, `coco.py:
   matched to ignored ground truth is ignored, so is an unmatched one outside the area range.
   A match to ground truth whose `id` is 0 counts as no match (COCOeval stores matches as ids).
 - detection area (for the area ranges): the box's w * h when the detections carry `bbox`
-  (pycocotools decides this from the first detection), else the mask's pixel count.
+  (pycocotools decides this from the first detection), else the mask's pixel count; for
+  "segm", a detection with a box and no segmentation is the box's polygon.
 - precision at the 101 recall points 0:0.01:1 from the monotone (right-to-left maximum)
   envelope, found with `searchsorted(..., side="left")`, 0 beyond the last recall reached;
   -1 for a category/area with no non-ignored ground truth; each number the mean over the
@@ -214,6 +215,11 @@ def _polygon_counts(xy: Sequence[float], height: int, width: int) -> np.ndarray:
         counts[-1] += int(runs[j])
         j += 1
   return np.asarray(counts, np.int64)
+
+
+def _box_polygon(box: Sequence[float]) -> list[list[float]]:
+  x, y, w, h = (float(v) for v in box)
+  return [[x, y, x, y + h, x + w, y + h, x + w, y]]
 
 
 def segmentation_to_mask(segmentation, height: int, width: int) -> np.ndarray:
@@ -452,6 +458,9 @@ def coco_evaluate(ground_truth: Mapping[str, Any], detections: Sequence[Mapping[
     if ann["id"] in seen:
       raise ValueError(f"Ground-truth annotation id {ann['id']} appears twice; COCO ids must be "
                        f"unique (pycocotools would silently evaluate one of them twice).")
+    if iou_type == "segm" and "segmentation" not in ann:
+      raise ValueError(f"Ground-truth annotation {ann['id']} has no 'segmentation'; "
+                       f"iou_type='segm' needs every object's mask (polygons or RLE).")
     if "area" not in ann:
       raise ValueError(f"Ground-truth annotation {ann['id']} has no 'area'; COCOeval's area "
                        f"ranges read it (for boxes: w * h; for masks: the mask's pixel count).")
@@ -467,11 +476,9 @@ def coco_evaluate(ground_truth: Mapping[str, Any], detections: Sequence[Mapping[
                        f"does not have; every detection's image must be in ground_truth['images'].")
     if det["category_id"] in category_set:
       dets_per_image[det["image_id"]].append(det)
-  # loadRes's branches: with boxes, areas are w * h (and "segm" still needs masks); without,
-  # areas and boxes come from the masks.
+  # loadRes's branches: with boxes, areas are w * h (and "segm" uses the segmentation, or the
+  # box's polygon where there is none); without, areas and boxes come from the masks.
   needs = {"bbox"} if box_areas else {"segmentation"}
-  if iou_type == "segm":
-    needs.add("segmentation")
   for det in detections:
     for need in needs:
       if need not in det:
@@ -518,7 +525,9 @@ def _prepare_image(image, gts, dets, iou_type, box_areas):
   if iou_type == "segm" or not box_areas:
     if dets and (height <= 0 or width <= 0):
       raise ValueError(f"Image {image['id']} needs 'height' and 'width' to rasterise masks.")
-    masks = [segmentation_to_mask(d["segmentation"], height, width) for d in dets]
+    # loadRes gives a box without a segmentation the box's polygon.
+    masks = [segmentation_to_mask(d["segmentation"] if "segmentation" in d else
+                                  _box_polygon(d["bbox"]), height, width) for d in dets]
   if box_areas:
     det_boxes = np.array([d["bbox"] for d in dets], np.float64).reshape(-1, 4)
     det_area = det_boxes[:, 2] * det_boxes[:, 3]
