@@ -89,7 +89,8 @@ def swin_forward(params, image, model: SwinTransformer):
       x = np.concatenate([x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2]], -1)
       p = params[f"layers_{i}_downsample"]
       x = _dense(_layer_norm(x, p["norm"]), p["reduction"])
-  x = _layer_norm(x, params["norm"]).mean((0, 1))
+  x = _layer_norm(x, params["norm"])
+  x = x.max((0, 1)) if model.global_pool == "max" else x.mean((0, 1))  # timm's "max" pooling
   return _dense(x, params["head"])
 
 
@@ -98,16 +99,17 @@ def _random_params(model, images, rng):
   return jax.tree.map(lambda s: rng.normal(scale=0.3, size=s.shape).astype(np.float32), shapes)
 
 
-@pytest.mark.parametrize("img_size, patch_size, window_size, depths, num_heads", [
-    (32, 2, 4, (2, 2, 2), (3, 3, 3)),   # shifted stages, last stage exactly one window
-    (64, 4, 8, (2, 2, 2), (3, 3, 3)),   # 16 -> 8 -> 4: no shift at 8, window clipped to 4
+@pytest.mark.parametrize("img_size, patch_size, window_size, depths, num_heads, global_pool", [
+    (32, 2, 4, (2, 2, 2), (3, 3, 3), "avg"),   # shifted stages, last stage exactly one window
+    (64, 4, 8, (2, 2, 2), (3, 3, 3), "avg"),   # 16 -> 8 -> 4: no shift at 8, window clipped to 4
+    (32, 2, 4, (2, 2), (3, 3), "max"),
 ])
-def test_forward_matches_numpy_transcription_of_the_official_model(img_size, patch_size,
-                                                                  window_size, depths, num_heads):
+def test_forward_matches_numpy_transcription_of_the_official_model(
+    img_size, patch_size, window_size, depths, num_heads, global_pool):
   rng = np.random.default_rng()
   model = SwinTransformer(img_size=img_size, patch_size=patch_size, num_classes=5, embed_dim=12,
                           depths=depths, num_heads=num_heads, window_size=window_size,
-                          drop_path_rate=0.0)
+                          drop_path_rate=0.0, global_pool=global_pool)
   images = rng.normal(size=(2, img_size, img_size, 3)).astype(np.float32)
   params = _random_params(model, images, rng)
   logits, aux = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))(params, images)
@@ -116,7 +118,7 @@ def test_forward_matches_numpy_transcription_of_the_official_model(img_size, pat
   np.testing.assert_allclose(np.asarray(logits), expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max())
   resolution = img_size // patch_size
   assert [s.shape for s in aux["stages"]] == [
-      (2, resolution // 2 ** i, resolution // 2 ** i, 12 * 2 ** i) for i in range(3)]
+      (2, resolution // 2 ** i, resolution // 2 ** i, 12 * 2 ** i) for i in range(len(depths))]
 
 
 def test_official_parameter_counts():
@@ -142,6 +144,7 @@ def test_stage_geometry_follows_the_official_clipping_rule():
     ((1, 224, 224, 1), {}, r"\(B, H, W, 3\)"),
     ((1, 40, 40, 3), {"img_size": 40}, "not a multiple of window_size"),
     ((1, 56, 56, 3), {"img_size": 56}, "odd"),
+    ((1, 224, 224, 3), {"global_pool": "sum"}, "global_pool must be 'avg' or 'max'"),
 ])
 def test_bad_inputs_name_the_problem(shape, kwargs, message):
   model = SwinTransformer(**kwargs)

@@ -127,6 +127,9 @@ class SwinTransformer(nn.Module):
   aux) with aux["stages"] the stage outputs (B, H/4, W/4, C), (B, H/8, W/8, 2C), ... at
   strides 4, 8, 16, 32 (after each stage's blocks, before merging) and aux["features"] the
   pooled (B, 8C) representation. num_classes=0 gives no head (logits are the features).
+  global_pool: "avg" (the official mean over the last stage's tokens) or "max" (the maximum per
+  channel, as timm's `global_pool="max"`: suits multi-label "is it anywhere" questions, where
+  the mean dilutes a small object among the background tokens).
   """
   img_size: int = 224
   patch_size: int = 4
@@ -141,6 +144,7 @@ class SwinTransformer(nn.Module):
   drop_path_rate: float = 0.1
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  global_pool: str = "avg"
 
   def stage_geometry(self):
     """Per stage (resolution, window, shift), with the official clipping rule."""
@@ -160,6 +164,8 @@ class SwinTransformer(nn.Module):
                        f"{images.shape[1]}x{images.shape[2]}; create it with img_size="
                        f"{images.shape[1]} (square images whose size / patch_size / 2**(stages-1) "
                        f"is a multiple of the window size).")
+    if self.global_pool not in ("avg", "max"):
+      raise ValueError(f"Swin global_pool must be 'avg' or 'max', got {self.global_pool!r}.")
     if len(self.depths) != len(self.num_heads):
       raise ValueError(f"depths {tuple(self.depths)} and num_heads {tuple(self.num_heads)} must "
                        f"have one entry per stage.")
@@ -195,7 +201,7 @@ class SwinTransformer(nn.Module):
       if i < len(self.depths) - 1:
         x = PatchMerging(dim, dt, pdt, name=f"layers_{i}_downsample")(x)
     x = _layer_norm("norm", dt, pdt)(x)
-    features = jnp.mean(x, axis=(1, 2))
+    features = (jnp.mean if self.global_pool == "avg" else jnp.max)(x, axis=(1, 2))
     aux = {"stages": stages, "features": features}
     if self.num_classes == 0:
       return features, aux
@@ -206,11 +212,12 @@ class SwinTransformer(nn.Module):
 @register_model("swin")
 def swin(img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96,
          depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, mlp_ratio=4.0,
-         qkv_bias=True, drop_path_rate=0.1, dtype=jnp.float32, param_dtype=jnp.float32):
-  """Swin of any size; the official hyper-parameter names."""
+         qkv_bias=True, drop_path_rate=0.1, dtype=jnp.float32, param_dtype=jnp.float32,
+         global_pool="avg"):
+  """Swin of any size; the official hyper-parameter names (+ timm's global_pool, "avg" or "max")."""
   return SwinTransformer(img_size, patch_size, in_chans, num_classes, embed_dim, tuple(depths),
                          tuple(num_heads), window_size, mlp_ratio, qkv_bias, drop_path_rate,
-                         dtype, param_dtype)
+                         dtype, param_dtype, global_pool)
 
 
 @register_model("swin_t")
