@@ -50,6 +50,8 @@ RECALL_THRESHOLDS = np.linspace(.0, 1.00, int(np.round((1.00 - .0) / .01)) + 1, 
 MAX_DETECTIONS = (1, 10, 100)
 AREA_RANGES = ((0 ** 2, 1e5 ** 2), (0 ** 2, 32 ** 2), (32 ** 2, 96 ** 2), (96 ** 2, 1e5 ** 2))
 AREA_NAMES = ("all", "small", "medium", "large")
+# Elements of one image batch's matching arrays (~ images x detections x ground truth x 10).
+_MATCH_BUDGET = 2 ** 24
 
 
 # ------------------------------------------------------------------------------ RLE
@@ -486,10 +488,8 @@ def coco_evaluate(ground_truth: Mapping[str, Any], detections: Sequence[Mapping[
                          f"{'boxes' if box_areas else 'masks'} in the first detection, every "
                          f"detection needs {sorted(needs)}.")
   result = _Evaluation()
-  for start in range(0, len(image_ids), batch_images):
-    chunk = image_ids[start:start + batch_images]
-    prepared = [_prepare_image(images[i], gts_per_image[i], dets_per_image[i], iou_type, box_areas)
-                for i in chunk]
+
+  def flush(chunk, prepared):
     num_d = max([p["det_cat"].size for p in prepared] + [1])
     num_g = max([p["gt_cat"].size for p in prepared] + [1])
     batch = {k: np.stack([_pad(p[k], num_d if k.startswith("det") else num_g) for p in prepared])
@@ -500,6 +500,22 @@ def coco_evaluate(ground_truth: Mapping[str, Any], detections: Sequence[Mapping[
     result.add(np.array([image_position[i] for i in chunk]), batch["det_rank"], batch["det_score"],
                batch["det_cat"], batch["det_valid"], batch["det_area"], batch["gt_cat"],
                batch["gt_valid"], batch["gt_crowd"], batch["gt_area"], batch["gt_id"], ious)
+
+  # Up to `batch_images` images at a time, fewer when they hold many detections: the
+  # matching state is (areas x thresholds x images x max detections [x max ground truth]).
+  chunk, prepared, widest = [], [], (1, 1)
+  for i in image_ids:
+    p = _prepare_image(images[i], gts_per_image[i], dets_per_image[i], iou_type, box_areas)
+    grown = (max(widest[0], p["det_cat"].size), max(widest[1], p["gt_cat"].size))
+    if chunk and (len(chunk) == batch_images or
+                  (len(chunk) + 1) * grown[0] * grown[1] * len(IOU_THRESHOLDS) > _MATCH_BUDGET):
+      flush(chunk, prepared)
+      chunk, prepared, grown = [], [], (max(p["det_cat"].size, 1), max(p["gt_cat"].size, 1))
+    chunk.append(i)
+    prepared.append(p)
+    widest = grown
+  if chunk:
+    flush(chunk, prepared)
   return result.summarize(categories)
 
 
