@@ -384,7 +384,7 @@ def test_bad_arguments_raise_clear_errors():
     detection.sample_balanced(jax.random.key(0), jnp.zeros(4, jnp.int32), 4, 1.5)
   with pytest.raises(ValueError, match="vmap"):
     detection.nms(jnp.zeros((2, 3, 4)), jnp.zeros((2, 3)), iou_threshold=0.5, max_output=3)
-  assert math.isclose(detection.BoxCoder().scale_clamp, math.log(1000 / 16))
+  assert math.isclose(detection.BoxCoder().clamp, math.log(1000 / 16))
 
 
 # ------------------------------------------------------------------ torchvision itself

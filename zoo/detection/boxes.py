@@ -135,15 +135,16 @@ class BoxCoder:
 
   `encode` gives `(wx (gx - px) / pw, wy (gy - py) / ph, ww log(gw / pw), wh log(gh / ph))`
   with widths `x2 - x1` and centres `x1 + 0.5 w`; `decode` inverts it, clamping dw, dh at
-  `scale_clamp` before `exp`. Weights (10, 10, 5, 5) are the RoI heads' default, (1, 1, 1, 1)
+  `clamp` before `exp`. Weights (10, 10, 5, 5) are the RoI heads' default, (1, 1, 1, 1)
   the RPN's. Padded entries must hold a box of positive size (zero widths divide by zero).
 
   Attributes:
     weights: (wx, wy, ww, wh).
-    scale_clamp: upper bound of dw, dh (after dividing by the weights) before exp.
+    clamp: upper bound of dw, dh (after dividing by the weights) before exp (detectron2's
+      `scale_clamp`, torchvision's `bbox_xform_clip`).
   """
   weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
-  scale_clamp: float = DEFAULT_SCALE_CLAMP
+  clamp: float = DEFAULT_SCALE_CLAMP
 
   def __post_init__(self):
     if len(self.weights) != 4 or any(w <= 0 for w in self.weights):
@@ -196,8 +197,8 @@ class BoxCoder:
     # True divisions, as torchvision computes them (XLA would multiply by 1/w).
     dx = divide(deltas[..., 0], wx)
     dy = divide(deltas[..., 1], wy)
-    dw = jnp.minimum(divide(deltas[..., 2], ww), self.scale_clamp)
-    dh = jnp.minimum(divide(deltas[..., 3], wh), self.scale_clamp)
+    dw = jnp.minimum(divide(deltas[..., 2], ww), self.clamp)
+    dh = jnp.minimum(divide(deltas[..., 3], wh), self.clamp)
     pred_ctr_x = dx * widths + ctr_x
     pred_ctr_y = dy * heights + ctr_y
     half_w = 0.5 * (jnp.exp(dw) * widths)
