@@ -244,6 +244,10 @@ def test_bad_input_raises_clear_errors():
     coco.segmentation_to_mask([[0, 0, 5, 5]], 5, 5)
   with pytest.raises(ValueError, match="same order"):
     metrics.voc_evaluate([], [{}])
+  with pytest.raises(ValueError, match="both gt_masks and det_masks"):
+    metrics.coco_evaluate_padded(np.zeros((1, 1, 4)), np.zeros((1, 1)), np.ones((1, 1)),
+                                 np.zeros((1, 1, 4)), np.zeros((1, 1)), np.zeros((1, 1)),
+                                 np.ones((1, 1)), gt_masks=np.zeros((1, 1, 4, 4)))
   with pytest.raises(ValueError, match=r"\(B, G, 4\)"):
     metrics.coco_evaluate_padded(np.zeros((1, 2, 4)), np.zeros((1, 2)), np.ones((1, 3)),
                                  np.zeros((1, 1, 4)), np.zeros(1), np.zeros((1, 1)), np.ones((1, 1)))
@@ -434,3 +438,51 @@ def test_padded_arrays_match_pycocotools(seed):
   assert want["AP"] > 0.1
   assert_close(got, want)
   assert_close(metrics.coco_evaluate(gt, dets), want)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_padded_masks_match_pycocotools(seed):
+  pytest.importorskip("pycocotools", reason="pycocotools (the `test` extra) not installed")
+  rng = np.random.default_rng(seed)
+  num_b, num_g, num_d, h, w = 4, 5, 30, 72, 96
+  gt_masks = np.zeros((num_b, num_g, h, w), bool)
+  det_masks = np.zeros((num_b, num_d, h, w), bool)
+  gt_boxes = np.zeros((num_b, num_g, 4))
+  det_boxes = np.zeros((num_b, num_d, 4))
+  polygons, pick = {}, rng.integers(0, num_g, (num_b, num_d))
+  for b in range(num_b):
+    for g in range(num_g):
+      x, y = rng.uniform(0, w - 20), rng.uniform(0, h - 20)
+      bw, bh = rng.uniform(6, w - x), rng.uniform(6, h - y)
+      polygons[b, g] = random_polygon(rng, x, y, bw, bh)
+      gt_masks[b, g] = coco.segmentation_to_mask([polygons[b, g]], h, w).reshape((h, w), order="F")
+      gt_boxes[b, g] = [x, y, x + bw, y + bh]
+    for d in range(num_d):
+      g = pick[b, d]
+      shift = np.tile(rng.normal(0, 3, 2), len(polygons[b, g]) // 2)
+      det_masks[b, d] = coco.segmentation_to_mask([(np.asarray(polygons[b, g]) + shift).tolist()],
+                                                  h, w).reshape((h, w), order="F")
+      det_boxes[b, d] = gt_boxes[b, g] + np.tile(shift[:2], 2)
+  gt_classes = rng.integers(0, 3, (num_b, num_g))
+  gt_valid = rng.random((num_b, num_g)) < 0.8
+  gt_crowd = rng.random((num_b, num_g)) < 0.15
+  det_classes = np.where(rng.random((num_b, num_d)) < 0.8, np.take_along_axis(gt_classes, pick, 1),
+                         rng.integers(0, 3, (num_b, num_d)))
+  det_scores = np.round(rng.random((num_b, num_d)), 2)
+  det_valid = rng.random((num_b, num_d)) < 0.9
+  got = metrics.coco_evaluate_padded(gt_boxes, gt_classes, gt_valid, det_boxes, det_scores,
+                                     det_classes, det_valid, gt_crowd=gt_crowd, gt_masks=gt_masks,
+                                     det_masks=det_masks)
+  xywh = lambda v: [float(v[0]), float(v[1]), float(v[2] - v[0]), float(v[3] - v[1])]
+  anns = [{"id": 100 * b + g + 1, "image_id": b, "category_id": int(gt_classes[b, g]),
+           "bbox": xywh(gt_boxes[b, g]), "iscrowd": int(gt_crowd[b, g]),
+           "segmentation": coco.rle_encode(gt_masks[b, g]), "area": float(gt_masks[b, g].sum())}
+          for b in range(num_b) for g in range(num_g) if gt_valid[b, g]]
+  gt = {"images": [{"id": b, "height": h, "width": w} for b in range(num_b)],
+        "annotations": anns, "categories": [{"id": c} for c in range(3)]}
+  dets = [{"image_id": b, "category_id": int(det_classes[b, d]), "bbox": xywh(det_boxes[b, d]),
+           "score": float(det_scores[b, d]), "segmentation": coco.rle_encode(det_masks[b, d])}
+          for b in range(num_b) for d in range(num_d) if det_valid[b, d]]
+  want = pycocotools_evaluate(gt, dets, "segm")
+  assert want["AP50"] > 0.05
+  assert_close(got, want)

@@ -575,11 +575,14 @@ def _prepare_image(image, gts, dets, iou_type, box_areas):
 # ------------------------------------------------------------------------------ padded arrays
 
 def coco_evaluate_padded(gt_boxes, gt_classes, gt_valid, det_boxes, det_scores, det_classes,
-                         det_valid, *, gt_crowd=None, gt_areas=None) -> dict[str, float]:
-  """The COCO box numbers from padded arrays, e.g. the outputs of a jitted eval step.
+                         det_valid, *, gt_crowd=None, gt_areas=None, gt_masks=None,
+                         det_masks=None) -> dict[str, float]:
+  """The COCO numbers from padded arrays, e.g. the outputs of a jitted eval step.
 
-  Equal to `coco_evaluate(..., "bbox")` on the same boxes written as COCO dicts (image i,
-  ground-truth ids 1, 2, ... in array order, detection areas w * h). Vectorised over images.
+  Box AP, or mask AP when `gt_masks` and `det_masks` are given. Equal to `coco_evaluate` on
+  the same objects written as COCO dicts (image i, ground-truth ids 1, 2, ... in array order,
+  detections with `bbox` (so their areas are w * h) and, for masks, their RLE). Vectorised
+  over images (in batches bounded by memory).
 
   Args:
     gt_boxes: (B, G, 4) float (x1, y1, x2, y2) pixels.
@@ -590,8 +593,10 @@ def coco_evaluate_padded(gt_boxes, gt_classes, gt_valid, det_boxes, det_scores, 
     det_classes: (B, D) int category ids.
     det_valid: (B, D) bool, False for padding.
     gt_crowd: (B, G) bool iscrowd regions; None: none.
-    gt_areas: (B, G) float areas for the area ranges (COCO's `area`: the mask area); None: the
-      box areas.
+    gt_areas: (B, G) float areas for the area ranges (COCO's `area`); None: the mask pixel
+      counts with masks, else the box areas.
+    gt_masks: (B, G, H, W) bool instance masks in image pixels, or None.
+    det_masks: (B, D, H, W) bool (e.g. pasted and thresholded at 0.5), or None.
 
   Returns:
     the 12 numbers, as `coco_evaluate`.
@@ -610,28 +615,51 @@ def coco_evaluate_padded(gt_boxes, gt_classes, gt_valid, det_boxes, det_scores, 
         f"(B, D, 4), det_scores/det_classes/det_valid (B, D); got {gt_boxes.shape}, "
         f"{gt_classes.shape}, {gt_valid.shape}, {det_boxes.shape}, {det_scores.shape}, "
         f"{det_classes.shape}, {det_valid.shape}.")
+  if (gt_masks is None) != (det_masks is None):
+    raise ValueError("Give both gt_masks and det_masks (mask AP) or neither (box AP).")
+  if gt_masks is not None:
+    gt_masks, det_masks = np.asarray(gt_masks, bool), np.asarray(det_masks, bool)
+    if gt_masks.ndim != 4 or gt_masks.shape[:2] != (num_b, num_g) or \
+        det_masks.shape != (num_b, num_d) + gt_masks.shape[2:]:
+      raise ValueError(f"gt_masks must be (B, G, H, W) and det_masks (B, D, H, W) for the same "
+                       f"image size; got {gt_masks.shape} and {det_masks.shape}.")
+    gt_masks = gt_masks.reshape(num_b, num_g, -1)
+    det_masks = det_masks.reshape(num_b, num_d, -1)
   gt_crowd = np.zeros((num_b, num_g), bool) if gt_crowd is None else np.asarray(gt_crowd, bool)
   gt_xywh = np.concatenate([gt_boxes[..., :2], gt_boxes[..., 2:] - gt_boxes[..., :2]], -1)
   det_xywh = np.concatenate([det_boxes[..., :2], det_boxes[..., 2:] - det_boxes[..., :2]], -1)
-  gt_areas = (gt_xywh[..., 2] * gt_xywh[..., 3] if gt_areas is None
-              else np.asarray(gt_areas, np.float64))
+  if gt_areas is not None:
+    gt_areas = np.asarray(gt_areas, np.float64)
+  elif gt_masks is not None:
+    gt_areas = gt_masks.sum(-1).astype(np.float64)
+  else:
+    gt_areas = gt_xywh[..., 2] * gt_xywh[..., 3]
   # Per image: stable sort by score (invalid last), rank within category, keep 100 per category.
-  key = np.where(det_valid, -det_scores, np.inf)
-  order = np.argsort(key, axis=1, kind="mergesort")
-  take = lambda x: np.take_along_axis(x, order if x.ndim == 2 else order[..., None], axis=1)
+  order = np.argsort(np.where(det_valid, -det_scores, np.inf), axis=1, kind="mergesort")
+  take = lambda x: np.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
   det_xywh, det_scores, det_classes, det_valid = (take(det_xywh), take(det_scores),
                                                   take(det_classes), take(det_valid))
+  if det_masks is not None:
+    det_masks = take(det_masks)
   same = (det_classes[:, :, None] == det_classes[:, None, :]) & det_valid[:, None, :]
   rank = np.sum(np.tril(np.ones((num_d, num_d), bool), -1)[None] & same, axis=2)
   det_valid = det_valid & (rank < MAX_DETECTIONS[-1])
-  ious = np.stack([_box_iou_xywh(det_xywh[b], gt_xywh[b], gt_crowd[b]) for b in range(num_b)]) \
-      if num_d and num_g else np.zeros((num_b, num_d, num_g))
+  gt_ids = np.broadcast_to(np.arange(1, num_g + 1), (num_b, num_g))
   result = _Evaluation()
-  result.add(np.arange(num_b), rank, det_scores, det_classes, det_valid,
-             det_xywh[..., 2] * det_xywh[..., 3], gt_classes, gt_valid, gt_crowd, gt_areas,
-             np.broadcast_to(np.arange(1, num_g + 1), (num_b, num_g)), ious)
-  categories = np.unique(gt_classes[gt_valid])
-  return result.summarize(categories.tolist())
+  step = max(1, _MATCH_BUDGET // (max(num_d, 1) * max(num_g, 1) * len(IOU_THRESHOLDS)))
+  for start in range(0, num_b, step):
+    part = slice(start, start + step)
+    ious = np.zeros((len(range(num_b)[part]), num_d, num_g))
+    for n, b in enumerate(range(num_b)[part]):
+      if num_d and num_g:
+        if gt_masks is None:
+          ious[n] = _box_iou_xywh(det_xywh[b], gt_xywh[b], gt_crowd[b])
+        else:
+          ious[n] = _mask_iou(det_masks[b], gt_masks[b], gt_crowd[b])
+    result.add(np.arange(num_b)[part], rank[part], det_scores[part], det_classes[part],
+               det_valid[part], det_xywh[part, :, 2] * det_xywh[part, :, 3], gt_classes[part],
+               gt_valid[part], gt_crowd[part], gt_areas[part], gt_ids[part], ious)
+  return result.summarize(np.unique(gt_classes[gt_valid]).tolist())
 
 
 # ------------------------------------------------------------------------------ VOC
