@@ -67,7 +67,11 @@ def load_data_source(name: str, split: str, *, data_dir: str | None = None):
   except (KeyError, ValueError, AssertionError):
     raise ValueError(f"Dataset {name!r} has no split {split!r}; available splits: "
                      f"{', '.join(sorted(splits))} (or TFDS slices of them, e.g. 'train[:100]').") from None
-  return builder.as_data_source(split=split)
+  source = builder.as_data_source(split=split)
+  from zoo.data import segmentation_sources  # Real segmentation datasets in our layout.
+  if dataset in segmentation_sources.DATASETS:
+    return segmentation_sources.SegmentationSource(source, dataset)
+  return source
 
 
 def _prepared_builder(builder_class, config: str, data_dir: str | None):
