@@ -142,17 +142,11 @@ def run_pydensecrf(dcrf, np, image, logits, iterations):
   return q.T.reshape(h, w, l)
 
 
-def pairs_kept(name, image, height, width):
+def pairs_kept(name, image):
   """Fraction of (query tile, key tile) pairs the Pallas kernel `name` computes (not skipped)."""
   m = importlib.import_module("kernels.dense_crf")  # kernels.dense_crf is the function
-  static = m._Static(name, height, width, m.BlockSizes())
-  features = m.bilateral_features(image, PARAMS["bi_xy_std"], PARAMS["bi_rgb_std"])
-  features = features.reshape(1, height * width, -1)
-  gpu = name == "pallas_gpu"
-  plan = m._tile_plan(static, features.shape[-1], m.BlockSizes(8, 8, 1) if gpu else None,
-                      pixels=64 if gpu else 128)
-  tiles = m._to_tiles(features, plan, static, "edge")
-  return float(m.active_tile_pairs(m._tile_boxes(tiles, plan.query), m._tile_boxes(tiles, plan.key)).mean())
+  return float(m.tile_pairs_kept(image, bi_xy_std=PARAMS["bi_xy_std"],
+                                 bi_rgb_std=PARAMS["bi_rgb_std"], implementation=name)[0])
 
 
 def main(argv):
@@ -231,7 +225,7 @@ def main(argv):
         continue
       kept = "-"
       if name.startswith("pallas"):
-        kept = f"{pairs_kept(name, image, height, width):.1%}"
+        kept = f"{pairs_kept(name, image):.1%}"
       if name in accelerator and platform != accelerator[name]:
         notes.append(f"{name}: no {accelerator[name].upper()} here; interpret mode is a "
                      "correctness tool, not timed")

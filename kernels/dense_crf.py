@@ -18,12 +18,13 @@ m_bi = K Q - Q with K[i, j] = exp(-|f_i - f_j|^2 / 2). It is the only O(N^2) par
 - `xla` maps over chunks of query pixels, so memory is O(B N chunk), never N x N; it computes
   |f_i - f_j|^2 as a sum of squared differences (no cancellation: each kernel value has a
   relative error of a few float32 ulps times (1 + |f_i - f_j|^2 / 2)) and drops j == i exactly.
-- `pallas_tpu` tiles the pixels (2-D blocks, so that a tile is compact in position), computes
+- `pallas_tpu` sorts the pixels along a Z-order curve through feature space and tiles them (so
+  that a tile is compact in position and colour), computes
   |f_i - f_j|^2 = |a|^2 + |b|^2 - 2 a.b on the matrix unit with features re-centred on the query
   tile's centre (a = f_i - c, b = f_j - c) and skips key tiles whose feature bounding box is
   farther than `cutoff` from the query tile's (see `SKIP_EPSILON`); out += exp(-d^2 / 2) @ Q_tile.
 - `pallas_gpu` (kernels/dense_crf_mosaic_gpu.py, Hopper and newer) is the same algorithm on the
-  tensor cores (wgmma) with 8 x 8-pixel tiles and float32 operands as three bfloat16 parts.
+  tensor cores (wgmma) with 64-pixel tiles and float32 operands as three bfloat16 parts.
 
 K is symmetric and m_bi = (K - I) Q is linear in Q, so the filter's custom VJP applies the same
 filter to the cotangent (its backward costs one forward filter). Gradients flow to the logits, to
@@ -39,6 +40,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -63,10 +65,9 @@ _XLA_BLOCK_ELEMENTS_CPU = 1 << 17
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """The Pallas kernels' pixel tiles: a query tile is `tile_rows` x `tile_cols` pixels (a
-  multiple of 128 pixels), a key tile `key_tiles` consecutive query tiles along a row."""
-  tile_rows: int = 8
-  tile_cols: int = 16
+  """The TPU kernel's tiles of the Z-ordered pixels: `query` pixels per query tile (a multiple of
+  128), key tiles of `key_tiles` consecutive query tiles. (The GPU kernel's are 64 and 1.)"""
+  query: int = 128
   key_tiles: int = 4
 
 
@@ -149,8 +150,9 @@ def _xla_bilateral(features, q):
 # ---------------------------------------------------------------------------------------------
 # Pallas (Mosaic TPU): the bilateral filter as tiled unnormalised attention.
 #
-# Pixels are reordered into 2-D tiles (tile_rows x tile_cols, a multiple of 128 pixels) so that a
-# tile is compact in position; a key tile is `key_tiles` consecutive query tiles. For a query tile
+# Pixels are put in Z-order through feature space (`z_order`), so that consecutive pixels are
+# close in position and colour, and cut into query tiles of `query` pixels; a key tile is
+# `key_tiles` consecutive query tiles. For a query tile
 # with feature centre c (the middle of its bounding box), the augmented vectors
 #     q_aug = [a, |a|^2, 1, 0...],  k_aug = [-2 b, 1, |b|^2, 0...],   a = f_i - c, b = f_j - c
 # give q_aug . k_aug = |f_i - f_j|^2 in one (TQ, 8) @ (8, TK) product on the matrix unit. The
@@ -164,51 +166,70 @@ def _xla_bilateral(features, q):
 
 
 class _TilePlan(NamedTuple):
-  tile_rows: int
-  tile_cols: int
   query: int            # pixels per query tile
   key: int              # pixels per key tile
-  padded_height: int
-  padded_width: int
-  query_tiles: int      # per image, a multiple of key_tiles
+  pixels: int           # N padded to whole key tiles
+  query_tiles: int      # per image
   key_tiles: int        # per image
-  pixels: int           # query_tiles * query
   features: int         # D
-  lanes: int            # D + 2 rounded up to 8
+  lanes: int            # D + 2 rounded up to 8 (the TPU kernel's augmented features)
 
 
-def _tile_plan(static: _Static, d: int, blocks: BlockSizes | None = None, pixels: int = 128) -> _TilePlan:
-  blocks = blocks or static.blocks
-  tr, tc, kt = blocks.tile_rows, blocks.tile_cols, blocks.key_tiles
-  if tr <= 0 or tc <= 0 or kt <= 0 or tr % 8 or (tr * tc) % pixels:
-    raise ValueError(f"{_OP}: block_sizes must have tile_rows a multiple of 8 and tile_rows * "
-                     f"tile_cols a multiple of {pixels} pixels, key_tiles >= 1; got {blocks}.")
-  hp, wp = _round_up(static.height, tr), _round_up(static.width, tc)
-  tiles = _round_up((hp // tr) * (wp // tc), kt)
-  return _TilePlan(tr, tc, tr * tc, tr * tc * kt, hp, wp, tiles, tiles // kt, tiles * tr * tc, d,
+def _tile_plan(static: _Static, n: int, d: int) -> _TilePlan:
+  if static.implementation == "pallas_gpu":
+    from kernels import dense_crf_mosaic_gpu as gpu
+    blocks, multiple = BlockSizes(gpu.TILE, 1), gpu.TILE
+  else:
+    blocks, multiple = static.blocks, 128
+  if blocks.query <= 0 or blocks.query % multiple or blocks.key_tiles <= 0:
+    raise ValueError(f"{_OP}: block_sizes must have query a positive multiple of {multiple} "
+                     f"pixels and key_tiles >= 1, got {blocks}.")
+  key = blocks.query * blocks.key_tiles
+  pixels = _round_up(n, key)
+  return _TilePlan(blocks.query, key, pixels, pixels // blocks.query, pixels // key, d,
                    _round_up(d + 2, 8))
 
 
-def _to_tiles(x, plan: _TilePlan, static: _Static, mode):
-  """(B, N, X) row-major pixels -> (B, pixels, X) in tile order; padding by `mode`."""
-  b, _, c = x.shape
-  x = x.reshape(b, static.height, static.width, c)
-  x = jnp.pad(x, ((0, 0), (0, plan.padded_height - static.height),
-                  (0, plan.padded_width - static.width), (0, 0)), mode=mode)
-  x = x.reshape(b, plan.padded_height // plan.tile_rows, plan.tile_rows,
-                plan.padded_width // plan.tile_cols, plan.tile_cols, c)
-  x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, c)
-  return jnp.pad(x, ((0, 0), (0, plan.pixels - x.shape[1]), (0, 0)), mode=mode)
+def z_order(features, bits_total=30):
+  """(B, N) int32 pixel order along a Morton (Z-order) curve through feature space.
+
+  Each scaled feature is quantised into 2^(bits_total // D) cells of at least one kernel
+  standard deviation over its range in the image, and the cell indices' bits are interleaved.
+  Consecutive pixels in this order are close in position and colour, so a tile of them has a
+  small bounding box: fewer key tiles survive the skip test and the re-centred distances lose
+  less to cancellation (see above).
+  """
+  _, _, d = features.shape
+  bits = max(1, min(10, bits_total // d))
+  lo = jnp.min(features, axis=1, keepdims=True)
+  cell = jnp.maximum((jnp.max(features, axis=1, keepdims=True) - lo) / (2 ** bits - 1), 1.0)
+  cells = jnp.clip(jnp.floor((features - lo) / cell), 0, 2 ** bits - 1).astype(jnp.uint32)
+  code = jnp.zeros(features.shape[:2], jnp.uint32)
+  for bit in range(bits):
+    for k in range(d):
+      code = code | (((cells[..., k] >> bit) & 1) << (bit * d + k))
+  return jnp.argsort(code, axis=1, stable=True).astype(jnp.int32)
 
 
-def _from_tiles(x, plan: _TilePlan, static: _Static):
-  b, _, c = x.shape
-  tiles = (plan.padded_height // plan.tile_rows) * (plan.padded_width // plan.tile_cols)
-  x = x[:, :tiles * plan.query].reshape(b, plan.padded_height // plan.tile_rows,
-                                        plan.padded_width // plan.tile_cols, plan.tile_rows,
-                                        plan.tile_cols, c)
-  x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, plan.padded_height, plan.padded_width, c)
-  return x[:, :static.height, :static.width].reshape(b, -1, c)
+class _Layout(NamedTuple):
+  """The Pallas kernels' pixels: Z-ordered, padded to whole key tiles (prepared once per call)."""
+  order: jax.Array      # (B, N) int32 pixel at each sorted position
+  rank: jax.Array       # (B, N) int32 sorted position of each pixel (the inverse permutation)
+  features: jax.Array   # (B, P, D) float32 sorted, padded with copies of the last pixel
+
+
+def _prepare(static: _Static, features):
+  """What the filter implementation needs from the features, computed outside the iterations."""
+  if static.implementation == "xla":
+    return features
+  b, n, d = features.shape
+  plan = _tile_plan(static, n, d)
+  order = z_order(features)
+  rank = jnp.argsort(order, axis=1).astype(jnp.int32)
+  ordered = jnp.take_along_axis(features, order[..., None], axis=1)
+  # Edge padding keeps the last tile's bounding box tight; padded pixels carry Q = 0.
+  ordered = jnp.pad(ordered, ((0, 0), (0, plan.pixels - n), (0, 0)), mode="edge")
+  return _Layout(order, rank, ordered)
 
 
 def _tile_boxes(features, size):
@@ -227,6 +248,20 @@ def active_tile_pairs(query_boxes, key_boxes):
   k_lo, k_hi = key_boxes[:, None, :, 0], key_boxes[:, None, :, 1]
   gap = jnp.maximum(jnp.maximum(k_lo - q_hi, q_lo - k_hi), 0.0)
   return jnp.sum(gap * gap, axis=-1) <= SKIP_DISTANCE2
+
+
+def tile_pairs_kept(image, *, bi_xy_std=67.0, bi_rgb_std=3.0, implementation="pallas_tpu",
+                    block_sizes: BlockSizes = BlockSizes()):
+  """(B,) float32: the fraction of (query tile, key tile) pairs a Pallas kernel computes for
+  these images (the others are skipped), from the same bounding-box test in XLA."""
+  b, h, w, _ = jnp.shape(image)
+  static = _Static(implementation, h, w, block_sizes)
+  features = bilateral_features(jnp.asarray(image), float(bi_xy_std), float(bi_rgb_std))
+  layout = _prepare(static, features.reshape(b, h * w, -1))
+  plan = _tile_plan(static, h * w, layout.features.shape[-1])
+  active = active_tile_pairs(_tile_boxes(layout.features, plan.query),
+                             _tile_boxes(layout.features, plan.key))
+  return jnp.mean(active, axis=(1, 2))
 
 
 def _tpu_kernel(query_boxes, key_boxes, f_query, f_keys, q_keys, out_ref, k_tile, q_tile, acc,
@@ -279,18 +314,26 @@ def _tpu_kernel(query_boxes, key_boxes, f_query, f_keys, q_keys, out_ref, k_tile
   out_ref[...] = acc[...]
 
 
-def _tpu_bilateral(static: _Static, features, q):
+def _ordered(layout: _Layout, q, pixels):
+  """q (B, N, L) in the layout's pixel order, zero-padded to `pixels`."""
+  q = jnp.take_along_axis(q, layout.order[..., None], axis=1)
+  return jnp.pad(q, ((0, 0), (0, pixels - q.shape[1]), (0, 0)))
+
+
+def _unordered(layout: _Layout, out):
+  """(B, P, L) in the layout's order -> (B, N, L) in row-major pixel order."""
+  return jnp.take_along_axis(out, layout.rank[..., None], axis=1)
+
+
+def _tpu_bilateral(static: _Static, layout: _Layout, q):
   """(B, N, L) float32 bilateral message on the Pallas TPU kernel (interpret mode off TPU)."""
-  b, n, d = features.shape
-  l = q.shape[-1]
-  plan = _tile_plan(static, d)
-  # Edge padding keeps the tiles' bounding boxes tight; padded pixels carry Q = 0.
-  f_tiles = _to_tiles(features, plan, static, "edge")
-  q_tiles = _to_tiles(q, plan, static, "constant")
-  query_boxes = _tile_boxes(f_tiles, plan.query).reshape(-1)
-  key_boxes = _tile_boxes(f_tiles, plan.key).reshape(-1)
-  f_query = jnp.pad(f_tiles, ((0, 0), (0, 0), (0, plan.lanes - d)))    # (B, P, lanes)
-  f_keys = f_query.transpose(0, 2, 1)                                     # (B, lanes, P)
+  b, n, l = q.shape
+  d = layout.features.shape[-1]
+  plan = _tile_plan(static, n, d)
+  query_boxes = _tile_boxes(layout.features, plan.query).reshape(-1)
+  key_boxes = _tile_boxes(layout.features, plan.key).reshape(-1)
+  f_query = jnp.pad(layout.features, ((0, 0), (0, 0), (0, plan.lanes - d)))   # (B, P, lanes)
+  f_keys = f_query.transpose(0, 2, 1)                                            # (B, lanes, P)
   out = pl.pallas_call(
       functools.partial(_tpu_kernel, plan=plan),
       out_shape=jax.ShapeDtypeStruct((b, plan.pixels, l), jnp.float32),
@@ -306,50 +349,58 @@ def _tpu_bilateral(static: _Static, features, q):
                           pltpu.SemaphoreType.DMA((2,))]),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
       interpret=pltpu.InterpretParams() if _common.interpret("pallas_tpu") else False,
-  )(query_boxes, key_boxes, f_query, f_keys, q_tiles)
-  return _from_tiles(out, plan, static)
+  )(query_boxes, key_boxes, f_query, f_keys, _ordered(layout, q, plan.pixels))
+  return _unordered(layout, out)
 
 
-def _gpu_bilateral(static: _Static, features, q):
-  """(B, N, L) float32 bilateral message on the Mosaic GPU kernel (8 x 8 pixel tiles, fixed)."""
+def _gpu_bilateral(static: _Static, layout: _Layout, q):
+  """(B, N, L) float32 bilateral message on the Mosaic GPU kernel (64-pixel tiles)."""
   from kernels import dense_crf_mosaic_gpu as gpu
-  d = features.shape[-1]
+  b, n, l = q.shape
+  d = layout.features.shape[-1]
   if d > gpu.MAX_FEATURES:
     raise ValueError(f"{_OP}: implementation='pallas_gpu' takes images of at most "
                      f"{gpu.MAX_FEATURES - 2} channels, got {d - 2}; use 'xla'.")
-  plan = _tile_plan(static, d, BlockSizes(8, 8, 1), pixels=gpu.TILE)
-  f_tiles = _to_tiles(features, plan, static, "edge")
-  q_tiles = _to_tiles(q, plan, static, "constant")
-  out = gpu.bilateral(f_tiles, q_tiles, _tile_boxes(f_tiles, gpu.TILE), SKIP_DISTANCE2,
+  plan = _tile_plan(static, n, d)
+  out = gpu.bilateral(layout.features, _ordered(layout, q, plan.pixels),
+                      _tile_boxes(layout.features, gpu.TILE), SKIP_DISTANCE2,
                       _common.interpret("pallas_gpu"))
-  return _from_tiles(out, plan, static)
+  return _unordered(layout, out)
 
 
 # ---------------------------------------------------------------------------------------------
 # The filter with its custom VJP (K - I is symmetric, so the adjoint is the same filter).
 
 
-def _bilateral_impl(static: _Static, features, q):
+def _bilateral_impl(static: _Static, layout, q):
+  """layout: `_prepare(static, features)`."""
   if static.implementation == "xla":
-    return _xla_bilateral(features, q)
+    return _xla_bilateral(layout, q)
   if static.implementation == "pallas_tpu":
-    return _tpu_bilateral(static, features, q)
+    return _tpu_bilateral(static, layout, q)
   if static.implementation == "pallas_gpu":
-    return _gpu_bilateral(static, features, q)
+    return _gpu_bilateral(static, layout, q)
   raise AssertionError(static.implementation)
 
 
+def _no_cotangent(x):
+  if jnp.issubdtype(x.dtype, jnp.integer):
+    return np.zeros(x.shape, jax.dtypes.float0)
+  return jnp.zeros_like(x)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _bilateral(static: _Static, features, q):
-  return _bilateral_impl(static, features, q)
+def _bilateral(static: _Static, layout, q):
+  return _bilateral_impl(static, layout, q)
 
 
-def _bilateral_fwd(static, features, q):
-  return _bilateral_impl(static, features, q), features
+def _bilateral_fwd(static, layout, q):
+  return _bilateral_impl(static, layout, q), layout
 
 
-def _bilateral_bwd(static, features, grad_out):
-  return jnp.zeros_like(features), _bilateral_impl(static, features, grad_out.astype(jnp.float32))
+def _bilateral_bwd(static, layout, grad_out):
+  grad_q = _bilateral_impl(static, layout, grad_out.astype(jnp.float32))
+  return jax.tree.map(_no_cotangent, layout), grad_q
 
 
 _bilateral.defvjp(_bilateral_fwd, _bilateral_bwd)
@@ -370,7 +421,7 @@ def bilateral_filter(q, image, *, bi_xy_std=67.0, bi_rgb_std=3.0, implementation
   b, h, w, l = q.shape
   static = _Static(implementation, h, w, block_sizes)
   features = bilateral_features(image, float(bi_xy_std), float(bi_rgb_std)).reshape(b, h * w, -1)
-  out = _bilateral(static, features, q.astype(jnp.float32).reshape(b, h * w, l))
+  out = _bilateral(static, _prepare(static, features), q.astype(jnp.float32).reshape(b, h * w, l))
   return out.reshape(b, h, w, l)
 
 
@@ -381,9 +432,10 @@ def bilateral_filter(q, image, *, bi_xy_std=67.0, bi_rgb_std=3.0, implementation
 def _mean_field(static, logits, features, iterations, pos_w, pos_xy_std, bi_w, compatibility):
   b, h, w, l = logits.shape
   unary = logits.astype(jnp.float32)
+  layout = _prepare(static, features)   # once, outside the iterations
 
   def step(q, _):
-    m_bi = _bilateral(static, features, q.reshape(b, h * w, l)).reshape(b, h, w, l)
+    m_bi = _bilateral(static, layout, q.reshape(b, h * w, l)).reshape(b, h, w, l)
     m_pos = spatial_filter(q, pos_xy_std)
     message = bi_w * m_bi + pos_w * m_pos
     pairwise = jnp.einsum("bhwk,lk->bhwl", message, compatibility, precision=_HIGHEST)
@@ -456,7 +508,7 @@ def dense_crf(logits: jax.Array, image: jax.Array, *, iterations: int = 10, pos_
       label l's energy. None: Potts, 1 - identity.
     implementation: "auto", "xla", "pallas_tpu" (Mosaic TPU) or "pallas_gpu" (Mosaic GPU,
       Hopper and newer); a Pallas one runs in interpret mode without its accelerator.
-    block_sizes: the TPU kernel's pixel tiles (the GPU kernel's are 8 x 8 pixels, fixed).
+    block_sizes: the TPU kernel's pixel tiles (the GPU kernel's are 64 pixels, fixed).
 
   Returns:
     Q (B, H, W, L) in the logits' dtype (computed in float32), rows summing to 1. Differentiable

@@ -1,7 +1,7 @@
 """The dense CRF's bilateral filter for Hopper GPUs in Pallas Mosaic GPU: the tiled unnormalised
 attention of `kernels/dense_crf.py`'s TPU kernel on the tensor cores (wgmma).
 
-One program per (image, query tile of 64 pixels, 8 x 8 in the image) walks the key tiles (64
+One program per (image, query tile of 64 Z-ordered pixels, see kernels/dense_crf.py) walks the key tiles (64
 pixels each) whose feature bounding box comes within sqrt(SKIP_DISTANCE2) of its own. Per key
 tile, two products on the tensor cores:
 
@@ -26,7 +26,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels.roi_align import _round_up
 from kernels.roi_align_mosaic_gpu import _InterpretParams, _iota, _mma, _parts, _smem_transforms
 
-TILE = 64          # pixels per query and key tile (wgmma's M granularity), 8 x 8 in the image
+TILE = 64          # pixels per query and key tile (wgmma's M granularity)
 _WIDTH = 64        # augmented feature width: 2 D + 1 <= 64 (one 128-byte bfloat16 swizzle row)
 MAX_FEATURES = (_WIDTH - 1) // 2
 
@@ -52,7 +52,7 @@ def raw_keys(features):
 def bilateral(features, q, boxes, skip_distance2: float, interpret: bool):
   """(B, P, L) float32: sum over j != i of exp(-|f_i - f_j|^2 / 2) q[j].
 
-  features: (B, P, D) float32 in tile order, P a multiple of 64 (padded pixels have q = 0);
+  features: (B, P, D) float32 in tile (Z-) order, P a multiple of 64 (padded pixels have q = 0);
   q: (B, P, L); boxes: (B, P / 64, 2, D) per-tile [lo, hi] feature bounding boxes.
   """
   b, p, d = features.shape
