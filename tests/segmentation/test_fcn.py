@@ -170,8 +170,8 @@ def test_alignment_is_pixel_exact_for_impulses_through_each_path(variant, path, 
 
 
 @pytest.mark.parametrize("variant, pad100, skip_scaling, learn_upsampling, size", [
-    ("32s", False, True, False, (20, 17)),
-    ("16s", True, False, True, (9, 12)),
+    pytest.param("32s", False, True, False, (20, 17), marks=pytest.mark.slow),
+    pytest.param("16s", True, False, True, (9, 12), marks=pytest.mark.slow),
     ("8s", False, True, True, (24, 24)),
     ("8s", True, True, False, (13, 11)),
 ])
