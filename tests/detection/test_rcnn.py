@@ -1,0 +1,161 @@
+"""Faster / Mask R-CNN (zoo/detection/rcnn.py) and the detection task: shapes, static-shape
+training on images with and without objects, 8 devices vs 1, clear errors, mask pasting
+against a float64 NumPy transcription of detectron2's grid_sample pasting."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import zoo
+from zoo.detection import rcnn
+from zoo.detection.task import Detection
+
+TINY = dict(num_classes=3, width=4, norm="batch", frozen_stages=-1, fpn_channels=8,
+            anchor_sizes=((8,), (16,), (32,), (64,), (128,)), rpn_pre_nms_top_n_train=64,
+            rpn_post_nms_top_n_train=32, rpn_pre_nms_top_n_test=64, rpn_post_nms_top_n_test=16,
+            rpn_batch_size_per_image=32, box_batch_size_per_image=16, representation_size=16,
+            mask_channels=8, detections_per_image=8, detection_candidates=32)
+
+
+def targets(batch=2, objects=3, size=64, empty_image=1):
+  boxes = np.zeros((batch, objects, 4), np.float32)
+  masks = np.zeros((batch, objects, size, size), bool)
+  valid = np.zeros((batch, objects), bool)
+  for b in range(batch):
+    if b == empty_image:
+      continue
+    for k, (x1, y1, x2, y2) in enumerate([(4, 4, 30, 28), (30, 20, 60, 50)]):
+      boxes[b, k] = (x1, y1, x2, y2)
+      masks[b, k, y1 + 2:y2 - 2, x1 + 2:x2 - 2] = True
+      valid[b, k] = True
+  labels = np.where(valid, np.arange(objects) % 3, -1).astype(np.int32)
+  return dict(boxes=boxes, labels=labels, objects_valid=valid, instance_masks=masks)
+
+
+@functools.lru_cache(maxsize=None)
+def model_and_variables(masks=True):
+  model = zoo.create("mask_rcnn_r50_fpn" if masks else "faster_rcnn_r50_fpn", **TINY)
+  images = jnp.zeros((1, 64, 64, 3))
+  variables = jax.jit(lambda key: model.init({"params": key}, images, train=False))(jax.random.key(0))
+  return model, variables
+
+
+def training_loss(model, variables, images, batch_targets, key, masks=True):
+  task = Detection(3, masks=masks, rpn_batch_size_per_image=32)
+
+  def loss(params):
+    (outputs, _), _ = model.apply({**variables, "params": params}, images, train=True,
+                                  targets=batch_targets, rngs={"sampling": key},
+                                  mutable=["batch_stats"])
+    return task.loss(outputs, {})
+  return jax.value_and_grad(loss, has_aux=True)(variables["params"])
+
+
+def test_inference_gives_padded_detections_inside_the_image():
+  model, variables = model_and_variables()
+  images = jnp.asarray(np.random.default_rng(0).random((2, 64, 96, 3)), jnp.float32)
+  detections, _ = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+  shapes = {k: v.shape for k, v in detections.items()}
+  assert shapes == {"boxes": (2, 8, 4), "scores": (2, 8), "classes": (2, 8), "valid": (2, 8),
+                    "masks": (2, 8, 28, 28)}
+  boxes, valid = np.asarray(detections["boxes"]), np.asarray(detections["valid"])
+  assert (boxes[..., 0] >= 0).all() and (boxes[..., 2] <= 96).all() and (boxes[..., 3] <= 64).all()
+  classes = np.asarray(detections["classes"])
+  assert ((classes >= 1) & (classes <= 3))[valid].all() and (classes[~valid] == 0).all()
+  masks = np.asarray(detections["masks"])
+  assert ((masks >= 0) & (masks <= 1)).all()
+
+
+def test_training_step_is_finite_with_an_image_without_objects():
+  model, variables = model_and_variables()
+  images = jnp.asarray(np.random.default_rng(1).random((2, 64, 64, 3)), jnp.float32)
+  (loss, metrics), grads = training_loss(model, variables, images, targets(), jax.random.key(3))
+  assert np.isfinite(float(loss)) and float(loss) > 0
+  for name in ("rpn_objectness", "rpn_box", "box_cls", "box_reg", "mask"):
+    assert np.isfinite(float(metrics[name])), name
+  assert float(metrics["rpn_box"]) > 0 and float(metrics["mask"]) > 0
+  assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+  # A batch with no objects at all trains too (only negatives, no box/mask regression).
+  empty = {k: np.zeros_like(v) if k != "labels" else np.full_like(v, -1)
+           for k, v in targets().items()}
+  (loss, metrics), grads = training_loss(model, variables, images, empty, jax.random.key(3))
+  assert np.isfinite(float(loss)) and float(metrics["box_reg"]) == 0 and float(metrics["mask"]) == 0
+  assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+
+
+def test_eight_devices_give_the_loss_of_one():
+  assert jax.device_count() >= 8
+  model, variables = model_and_variables(masks=False)
+  images = jnp.asarray(np.random.default_rng(2).random((8, 64, 64, 3)), jnp.float32)
+  batch_targets = targets(batch=8, empty_image=5)
+  batch_targets.pop("instance_masks")
+  step = jax.jit(lambda v, x, t: training_loss(model, v, x, t, jax.random.key(4), masks=False)[0][0])
+  single = step(variables, images, batch_targets)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+  shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  sharded = step(variables, jax.device_put(images, shard),
+                 {k: jax.device_put(v, shard) for k, v in batch_targets.items()})
+  np.testing.assert_allclose(float(sharded), float(single), rtol=1e-5)
+
+
+def test_image_sides_must_be_multiples_of_32():
+  model, variables = model_and_variables()
+  with pytest.raises(ValueError, match="multiples of 32.*got 65x64.*96x64"):
+    model.apply(variables, jnp.zeros((1, 65, 64, 3)), train=False)
+
+
+def test_training_without_targets_is_a_clear_error():
+  model, variables = model_and_variables()
+  with pytest.raises(ValueError, match="needs targets"):
+    model.apply(variables, jnp.zeros((1, 64, 64, 3)), train=True, rngs={"sampling": jax.random.key(0)},
+                mutable=["batch_stats"])
+
+
+def reference_paste(mask, box, height, width):
+  """float64: grid_sample(align_corners=False, zeros padding) of the M x M mask at each pixel
+  centre mapped into the box, as detectron2's paste_masks_in_image (_do_paste_mask)."""
+  m = mask.shape[0]
+  x1, y1, x2, y2 = box
+  out = np.zeros((height, width))
+  for y in range(height):
+    for x in range(width):
+      # normalised grid coordinate in [-1, 1] over the box, then unnormalised to the mask grid
+      gx = (x + 0.5 - x1) / (x2 - x1) * 2 - 1
+      gy = (y + 0.5 - y1) / (y2 - y1) * 2 - 1
+      u, v = ((gx + 1) * m - 1) / 2, ((gy + 1) * m - 1) / 2
+      u0, v0 = int(np.floor(u)), int(np.floor(v))
+      total = 0.0
+      for dv, wv in ((0, 1 - (v - v0)), (1, v - v0)):
+        for du, wu in ((0, 1 - (u - u0)), (1, u - u0)):
+          r, c = v0 + dv, u0 + du
+          if 0 <= r < m and 0 <= c < m:
+            total += wv * wu * mask[r, c]
+      out[y, x] = total
+  return out
+
+
+def test_paste_masks_matches_grid_sample():
+  rng = np.random.default_rng(5)
+  masks = rng.random((3, 6, 6))
+  boxes = np.array([[2.3, 4.1, 15.7, 11.2], [0.0, 0.0, 20.0, 16.0], [-3.0, 5.5, 8.25, 30.0]])
+  out = np.asarray(rcnn.paste_masks(jnp.asarray(masks, jnp.float32), jnp.asarray(boxes, jnp.float32),
+                                    (16, 20)))
+  for d in range(3):
+    np.testing.assert_allclose(out[d], reference_paste(masks[d], boxes[d], 16, 20), atol=2e-6)
+
+
+def test_fpn_nearest_resize_is_torchvision_floor_rule():
+  x = jnp.arange(2 * 7 * 5, dtype=jnp.float32).reshape(1, 7, 5, 2)
+  out = np.asarray(rcnn.nearest_resize(x, (13, 9)))
+  for i in range(13):
+    for j in range(9):
+      np.testing.assert_array_equal(out[0, i, j], np.asarray(x)[0, (i * 7) // 13, (j * 5) // 9])
+
+
+def test_registry_names_the_hyperparameters():
+  assert {"faster_rcnn_r50_fpn", "mask_rcnn_r50_fpn"} <= set(zoo.list_models())
+  with pytest.raises(ValueError, match="has no hyper-parameter 'nope'.*rpn_nms_threshold"):
+    zoo.create("faster_rcnn_r50_fpn", nope=1)
