@@ -148,6 +148,15 @@ def test_jit_with_traced_weights_and_zero_iterations(rng):
   np.testing.assert_allclose(q0, crf_reference.softmax(logits.astype(np.float64)), rtol=1e-5, atol=1e-6)
 
 
+def test_vmap_matches_the_batch_axis(rng):
+  b, h, w, l, c, params = CASES[0]
+  logits, image = random_inputs(rng, b, h, w, l, c, params)
+  mapped = jax.vmap(lambda lo, im: kernels.dense_crf(lo[None], im[None], iterations=2,
+                                                     implementation="xla", **params)[0])(logits, image)
+  batched = kernels.dense_crf(logits, image, iterations=2, implementation="xla", **params)
+  np.testing.assert_allclose(mapped, batched, rtol=1e-6, atol=1e-6)
+
+
 def test_integer_image_and_bfloat16_logits(rng):
   b, h, w, l, c, params = CASES[0]
   logits, image = random_inputs(rng, b, h, w, l, c, params)
