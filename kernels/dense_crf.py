@@ -152,17 +152,19 @@ def _xla_bilateral(features, q):
 #
 # Pixels are put in Z-order through feature space (`z_order`), so that consecutive pixels are
 # close in position and colour, and cut into query tiles of `query` pixels; a key tile is
-# `key_tiles` consecutive query tiles. For a query tile
-# with feature centre c (the middle of its bounding box), the augmented vectors
+# `key_tiles` consecutive query tiles. For a query tile with feature centre c (the middle of its
+# bounding box), the augmented vectors
 #     q_aug = [a, |a|^2, 1, 0...],  k_aug = [-2 b, 1, |b|^2, 0...],   a = f_i - c, b = f_j - c
-# give q_aug . k_aug = |f_i - f_j|^2 in one (TQ, 8) @ (8, TK) product on the matrix unit. The
-# float32 expansion loses absolute accuracy ~ 2^-22 (|a| + |b|)^2 to cancellation (at HIGHEST
-# precision, i.e. float32-accurate bfloat16 passes); re-centring on the query tile makes |a| at
-# most the tile's feature radius r, and for every pair that matters (d^2 <= SKIP_DISTANCE2)
-# |b| <= r + 7.4, so each kernel value has a relative error <= 2^-23 (2 r + 7.4)^2 (about
-# 3e-5 for r = 10, i.e. a colour spread of 30 std inside one tile; 2e-3 for r = 85, a black/white
-# edge inside a tile with the 3-unit colour std). Key tiles whose bounding box is farther than
-# sqrt(SKIP_DISTANCE2) from the query tile's are skipped (every kernel value < SKIP_EPSILON).
+# give q_aug . k_aug = |f_i - f_j|^2 in one (TQ, 8) @ (8, TK) product on the matrix unit.
+# Error bound: in float32 (HIGHEST precision: float32-accurate bfloat16 passes) the expansion
+# loses |delta d^2| <= (D + 2) 2^-24 (|a| + |b|)^2 to cancellation. Re-centring on the query tile
+# makes |a| <= r, the tile's feature radius (half its bounding-box diagonal), and for every pair
+# that is not negligible (d^2 <= SKIP_DISTANCE2 = 55.3) |b| <= r + 7.4, so each kernel value
+# exp(-d^2 / 2) has a relative error <= (D + 2) 2^-25 (2 r + 7.4)^2: for RGB (D = 5) about
+# 1.6e-4 at r = 10 (a tile spanning 20 colour stds) and 6.6e-3 at r = 85 (a black/white edge in
+# a tile, colour std 3 units). Z-order keeps most tiles' r small. Key tiles whose bounding box is
+# farther than sqrt(SKIP_DISTANCE2) from the query tile's are skipped (every kernel value there is
+# < SKIP_EPSILON).
 
 
 class _TilePlan(NamedTuple):

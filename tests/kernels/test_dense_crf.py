@@ -205,11 +205,14 @@ SMALL_TILES = dense_crf_module.BlockSizes(query=128, key_tiles=1)
 
 
 def pallas_tolerance(image, params):
-  """Absolute error bound of a kernel value from the matrix-unit expansion (module docstring):
-  2^-23 (2 r + 7.4)^2 with r the largest feature radius of a tile; here the whole image's."""
+  """Error bound of a kernel value (<= 1) from the matrix-unit expansion (kernels/dense_crf.py):
+  (D + 2) 2^-25 (2 r + 7.4)^2 with r a tile's feature radius; here 2 r <= the whole image's
+  feature-box diagonal."""
   colour = image.reshape(-1, image.shape[-1]) / params["bi_rgb_std"]
-  spread = np.linalg.norm(colour.max(0) - colour.min(0)) + np.hypot(*image.shape[1:3]) / params["bi_xy_std"]
-  return 2.0 ** -23 * (spread + 7.4) ** 2
+  position = np.array(image.shape[1:3]) / params["bi_xy_std"]
+  diagonal = np.sqrt(np.sum((colour.max(0) - colour.min(0)) ** 2) + np.sum(position ** 2))
+  d = image.shape[-1] + 2
+  return (d + 2) * 2.0 ** -25 * (diagonal + 7.4) ** 2
 
 
 # The GPU kernel's tiles are fixed (64 pixels): block_sizes only matter on the TPU.
