@@ -1,5 +1,5 @@
-"""Pallas kernels with XLA references: RoIAlign/RoIPool/SPP, shifted-window attention
-(XLA only so far; dense-CRF mean field follows).
+"""Pallas kernels with XLA references: RoIAlign/RoIPool/SPP, shifted-window attention,
+exact dense-CRF mean field.
 
 Each kernel is one public function with ``implementation="auto" | "xla" | "pallas_gpu" | "pallas_tpu"``
 (see DESIGN.md, "Kernels"). This package imports only jax.
