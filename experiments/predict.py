@@ -2,7 +2,8 @@ r"""Writes PNGs of a trained model's predictions beside the ground truth, for a 
 
     python -m experiments.predict --workdir=runs/unet --split=test --num_images=16
 
-Each file `<output_dir>/<split>_<index>.png` shows: the image | ground truth | prediction.
+Each file `<output_dir>/<split>_<index>.png` shows: the image | ground truth | prediction
+(segmentation: class colours; detection: boxes, labels, scores and instance masks).
 """
 
 import os
@@ -22,9 +23,29 @@ OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Default: <workdir>/predict
 flags.mark_flags_as_required(["workdir"])
 
 
+def _detection_panels(image, batch, detections, i):
+  """image | ground truth boxes and masks | detections (boxes, class, score, masks), enlarged."""
+  from zoo import visualization
+  scale = 4
+  masks = batch.get("instance_masks")
+  truth = visualization.draw_detections(
+      image, batch["boxes"][i], batch["labels"][i] + 1, batch["objects_valid"][i],
+      masks=None if masks is None else masks[i], scale=scale)
+  pasted = None
+  if "masks" in detections:
+    from zoo.detection.rcnn import paste_masks
+    pasted = np.asarray(paste_masks(detections["masks"][i], detections["boxes"][i],
+                                    image.shape[:2])) >= 0.5
+  found = visualization.draw_detections(
+      image, detections["boxes"][i], detections["classes"][i], detections["valid"][i],
+      scores=detections["scores"][i], masks=pasted, scale=scale)
+  return [np.kron(visualization.to_uint8(image), np.ones((scale, scale, 1), np.uint8)), truth, found]
+
+
 def main(argv):
   del argv
   launcher.start()
+  import jax
   from zoo import training, visualization
   from zoo.data import pipeline
   config = CONFIG.value or training.read_config(WORKDIR.value)
@@ -37,17 +58,25 @@ def main(argv):
                                   global_batch_size=config.eval_batch_size,
                                   features=experiment.task.features)
   for batch in batches:
-    predictions = np.asarray(experiment.predict(state, batch["image"]))
+    predictions = jax.device_get(experiment.predict(state, batch["image"]))
     for i in np.flatnonzero(batch["example_valid"]):
       if written == NUM_IMAGES.value:
         break
-      image, target = batch["image"][i], batch["segmentation"][i]
-      # A VALID-padding model predicts only the centre: the uncovered border is drawn grey.
-      prediction = visualization.pad_to_center(predictions[i], target.shape)
-      panels = [visualization.to_uint8(image), visualization.overlay(image, target),
-                visualization.overlay(image, prediction)]
+      image = batch["image"][i]
+      if isinstance(predictions, dict) and "boxes" in predictions:
+        panels = _detection_panels(image, batch, predictions, i)
+      elif "segmentation" in batch:
+        target = batch["segmentation"][i]
+        # A VALID-padding model predicts only the centre: the uncovered border is drawn grey.
+        prediction = visualization.pad_to_center(np.asarray(predictions)[i], target.shape)
+        panels = [visualization.to_uint8(image), visualization.overlay(image, target),
+                  visualization.overlay(image, prediction)]
+      else:
+        raise ValueError(f"predict.py draws segmentation and detection tasks; this config's task "
+                         f"is {config.task.name!r}.")
       path = os.path.join(output_dir, f"{SPLIT.value}_{written:04d}.png")
-      Image.fromarray(visualization.side_by_side(panels)).save(path)
+      scale = 1 if panels[0].shape[0] != image.shape[0] else 4   # detection panels come enlarged
+      Image.fromarray(visualization.side_by_side(panels, scale=scale)).save(path)
       written += 1
     if written == NUM_IMAGES.value:
       break

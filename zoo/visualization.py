@@ -58,3 +58,42 @@ def to_uint8(image):
   if image.dtype == np.uint8:
     return image
   return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def draw_detections(image, boxes, classes, valid, scores=None, masks=None, scale: int = 4,
+                    class_names=None, alpha: float = 0.5):
+  """Boxes, class labels (and scores) and instance masks drawn on an enlarged image.
+
+  Args:
+    image: (H, W, 3) float in [0, 1] or uint8.
+    boxes: (D, 4) (x1, y1, x2, y2) pixels of `image`.
+    classes: (D,) int palette index (detector class ids: background 0, class c -> colour c).
+    valid: (D,) bool; only valid entries are drawn.
+    scores: (D,) float or None (ground truth).
+    masks: (D, H, W) bool or None.
+    scale: enlargement (nearest neighbour) so that text is readable on small canvases.
+    class_names: names indexed by class id; None: the ids.
+
+  Returns:
+    (scale H, scale W, 3) uint8.
+  """
+  from PIL import Image, ImageDraw  # pillow is only needed for drawing
+
+  canvas = to_uint8(image).astype(np.float32)
+  order = np.flatnonzero(np.asarray(valid))
+  colours = [SEGMENTATION_PALETTE[int(c) % len(SEGMENTATION_PALETTE)] for c in np.asarray(classes)]
+  if masks is not None:
+    for d in order:
+      m = np.asarray(masks[d], bool)[..., None]
+      canvas = np.where(m, (1 - alpha) * canvas + alpha * colours[d], canvas)
+  enlarged = np.kron(canvas.round().astype(np.uint8), np.ones((scale, scale, 1), np.uint8))
+  picture = Image.fromarray(enlarged)
+  draw = ImageDraw.Draw(picture)
+  for d in order:
+    x1, y1, x2, y2 = (float(v) * scale for v in boxes[d])
+    colour = tuple(int(v) for v in colours[d])
+    draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=colour, width=2)
+    name = class_names[int(classes[d])] if class_names is not None else str(int(classes[d]))
+    text = name if scores is None else f"{name} {float(scores[d]):.2f}"
+    draw.text((x1 + 2, y1 + 1), text, fill=colour)
+  return np.asarray(picture)
