@@ -182,6 +182,9 @@ def test_integer_image_and_bfloat16_logits(rng):
     (dict(iterations=2.5), "iterations must be a non-negative int"),
     (dict(pos_w=np.ones(2)), "pos_w must be a scalar"),
     (dict(implementation="cuda"), "is not one of"),
+    (dict(implementation="pallas_tpu", block_sizes=dense_crf_module.BlockSizes(query=100)),
+     "block_sizes must have query a positive multiple of 128"),
+    (dict(implementation="pallas_gpu", image=np.zeros((1, 7, 9, 40))), "at most 29 channels"),
 ])
 def test_bad_arguments_raise_clear_errors(change, message):
   arguments = dict(logits=np.zeros((1, 7, 9, 3), np.float32), image=np.zeros((1, 7, 9, 3)))
