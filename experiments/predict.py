@@ -23,14 +23,14 @@ OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Default: <workdir>/predict
 flags.mark_flags_as_required(["workdir"])
 
 
-def _detection_panels(image, batch, detections, i):
+def _detection_panels(image, batch, detections, i, class_names=None):
   """image | ground truth boxes and masks | detections (boxes, class, score, masks), enlarged."""
   from zoo import visualization
   scale = 4
   masks = batch.get("instance_masks")
   truth = visualization.draw_detections(
       image, batch["boxes"][i], batch["labels"][i] + 1, batch["objects_valid"][i],
-      masks=None if masks is None else masks[i], scale=scale)
+      masks=None if masks is None else masks[i], scale=scale, class_names=class_names)
   pasted = None
   if "masks" in detections:
     from zoo.detection.rcnn import paste_masks
@@ -38,7 +38,7 @@ def _detection_panels(image, batch, detections, i):
                                     image.shape[:2])) >= 0.5
   found = visualization.draw_detections(
       image, detections["boxes"][i], detections["classes"][i], detections["valid"][i],
-      scores=detections["scores"][i], masks=pasted, scale=scale)
+      scores=detections["scores"][i], masks=pasted, scale=scale, class_names=class_names)
   return [np.kron(visualization.to_uint8(image), np.ones((scale, scale, 1), np.uint8)), truth, found]
 
 
@@ -47,6 +47,7 @@ def main(argv):
   launcher.start()
   import jax
   from zoo import training, visualization
+  from zoo.data import CLASS_NAMES
   from zoo.data import pipeline
   config = CONFIG.value or training.read_config(WORKDIR.value)
   experiment = training.Experiment(config)
@@ -54,6 +55,8 @@ def main(argv):
   output_dir = OUTPUT_DIR.value or os.path.join(WORKDIR.value, "predictions")
   os.makedirs(output_dir, exist_ok=True)
   written = 0
+  # Detector class c is dataset label c - 1: the embedded data's names line up with it.
+  class_names = CLASS_NAMES if config.data.name == "digit_canvases" else None
   batches = pipeline.eval_batches(experiment.data_source(SPLIT.value),
                                   global_batch_size=config.eval_batch_size,
                                   features=experiment.task.features)
@@ -64,7 +67,7 @@ def main(argv):
         break
       image = batch["image"][i]
       if isinstance(predictions, dict) and "boxes" in predictions:
-        panels = _detection_panels(image, batch, predictions, i)
+        panels = _detection_panels(image, batch, predictions, i, class_names)
       elif "segmentation" in batch:
         target = batch["segmentation"][i]
         # A VALID-padding model predicts only the centre: the uncovered border is drawn grey.
