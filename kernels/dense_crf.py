@@ -22,7 +22,8 @@ m_bi = K Q - Q with K[i, j] = exp(-|f_i - f_j|^2 / 2). It is the only O(N^2) par
   that a tile is compact in position and colour), computes
   |f_i - f_j|^2 = |a|^2 + |b|^2 - 2 a.b on the matrix unit with features re-centred on the query
   tile's centre (a = f_i - c, b = f_j - c) and skips key tiles whose feature bounding box is
-  farther than `cutoff` from the query tile's (see `SKIP_EPSILON`); out += exp(-d^2 / 2) @ Q_tile.
+  farther than sqrt(SKIP_DISTANCE2) from the query tile's (every kernel value < SKIP_EPSILON);
+  out += exp(-d^2 / 2) @ Q_tile. Error bounds: see the "Pallas" section below.
 - `pallas_gpu` (kernels/dense_crf_mosaic_gpu.py, Hopper and newer) is the same algorithm on the
   tensor cores (wgmma) with 64-pixel tiles and float32 operands as three bfloat16 parts.
 
@@ -306,8 +307,8 @@ def _tpu_kernel(query_boxes, key_boxes, f_query, f_keys, q_keys, out_ref, k_tile
       b_t = k_tile[...] - centre_col                              # (lanes, TK), zero beyond D
       k_aug = -2.0 * b_t + jnp.where(sublane == d, 1.0, 0.0)
       k_aug = k_aug + jnp.where(sublane == d + 1, jnp.sum(b_t * b_t, axis=0, keepdims=True), 0.0)
-      distance2 = jnp.dot(q_aug, k_aug, precision=_HIGHEST, preferred_element_type=jnp.float32)
-      kernel = jnp.exp(-0.5 * jnp.maximum(distance2, 0.0))        # (TQ, TK)
+      d2 = jnp.dot(q_aug, k_aug, precision=_HIGHEST, preferred_element_type=jnp.float32)
+      kernel = jnp.exp(-0.5 * jnp.maximum(d2, 0.0))               # (TQ, TK)
       key_index = s * plan.key + lax.broadcasted_iota(jnp.int32, (plan.query, plan.key), 1)
       kernel = jnp.where(query_index == key_index, 0.0, kernel)   # j != i, exactly
       copy_q.wait()
