@@ -134,6 +134,107 @@ def select_proposals(logits, deltas, anchors, image_size, *, pre_nms_top_n: int,
   return proposals[kept.indices], jnp.where(kept.valid, scores[kept.indices], 0.0), kept.valid
 
 
+def rpn_targets(key, logits, deltas, anchors, targets, *, fg_iou_threshold: float,
+                bg_iou_threshold: float, batch_size_per_image: int, positive_fraction: float):
+  """Sampled anchors' logits and deltas with their labels and target deltas (the RPN's loss inputs).
+
+  Args:
+    key: a jax.random key (split into one per image).
+    logits: (B, A) objectness logits; deltas: (B, A, 4); anchors: (A, 4) pixels.
+    targets: {"boxes": (B, G, 4), "objects_valid": (B, G)}.
+
+  Returns:
+    dict of (B, S) arrays, S = batch_size_per_image: logits, labels (float 0/1), deltas and
+    target_deltas (B, S, 4) (weights 1, 1, 1, 1), positive, valid.
+  """
+  matcher = box_ops.Matcher(fg_iou_threshold, bg_iou_threshold, True)
+  coder = box_ops.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+  keys = jax.random.split(key, logits.shape[0])
+
+  def per_image(key, logits, deltas, gt_boxes, gt_valid):
+    matches = matcher(box_ops.box_iou(gt_boxes, anchors), gt_valid)
+    sample = box_ops.sample_balanced(key, matches.labels, batch_size_per_image, positive_fraction)
+    matched = gt_boxes[matches.gt_index[sample.indices]]
+    return dict(logits=logits[sample.indices], labels=sample.is_positive.astype(jnp.float32),
+                deltas=deltas[sample.indices],
+                target_deltas=coder.encode(matched, anchors[sample.indices]),
+                positive=sample.is_positive & sample.valid, valid=sample.valid)
+
+  return jax.vmap(per_image)(keys, logits, deltas, targets["boxes"], targets["objects_valid"])
+
+
+def sample_rois(key, proposals, proposals_valid, targets, *, batch_size_per_image: int,
+                positive_fraction: float, fg_iou_threshold: float, bg_iou_threshold: float):
+  """Proposals plus ground truth, matched and sampled for the RoI heads.
+
+  Args:
+    key: a jax.random key (split into one per image).
+    proposals: (B, P, 4) pixels; proposals_valid: (B, P) bool.
+    targets: {"boxes": (B, G, 4), "labels": (B, G) in [0, C), "objects_valid": (B, G)}.
+
+  Returns:
+    (rois (B, S, 4), valid (B, S), {"classes": (B, S) 0 = background else label + 1,
+    "positive", "gt_index", "target_deltas" (B, S, 4) weights (10, 10, 5, 5)}),
+    S = batch_size_per_image, positives first.
+  """
+  matcher = box_ops.Matcher(fg_iou_threshold, bg_iou_threshold, False)
+  coder = box_ops.BoxCoder()
+  keys = jax.random.split(key, proposals.shape[0])
+
+  def per_image(key, proposals, valid, gt_boxes, gt_labels, gt_valid):
+    candidates = jnp.concatenate([proposals, gt_boxes])
+    candidates_valid = jnp.concatenate([valid, gt_valid])
+    matches = matcher(box_ops.box_iou(gt_boxes, candidates), gt_valid, candidates_valid)
+    sample = box_ops.sample_balanced(key, matches.labels, batch_size_per_image, positive_fraction)
+    rois = candidates[sample.indices]
+    gt_index = matches.gt_index[sample.indices]
+    positive = sample.is_positive & sample.valid
+    classes = jnp.where(positive, gt_labels[gt_index] + 1, 0)
+    return rois, sample.valid, dict(classes=classes, positive=positive, gt_index=gt_index,
+                                    target_deltas=coder.encode(gt_boxes[gt_index], rois))
+
+  return jax.vmap(per_image)(keys, proposals, proposals_valid, targets["boxes"],
+                             targets["labels"], targets["objects_valid"])
+
+
+def postprocess_detections(rois, valid, class_logits, box_deltas, image_size, *,
+                           score_threshold: float, nms_threshold: float,
+                           detections_per_image: int, candidates: int):
+  """One image's detections, torchvision's `RoIHeads.postprocess_detections`.
+
+  Per RoI and foreground class a decoded, clipped box with its softmax score; candidates
+  scoring <= score_threshold or narrower than 0.01 pixels dropped; the `candidates` best go
+  through per-class NMS; `detections_per_image` kept. The candidate cap makes the shapes
+  static; torchvision has none (it keeps every box above the threshold), so the two differ
+  only when more candidates than the cap pass the threshold.
+
+  Args:
+    rois: (K, 4) pixels; valid: (K,) bool; class_logits: (K, C+1); box_deltas: (K, C+1, 4)
+      (weights 10, 10, 5, 5); image_size: (H, W).
+
+  Returns:
+    {"boxes": (D, 4), "scores": (D,), "classes": (D,) in 1..C, "valid": (D,)}, D =
+    detections_per_image, zeros where not valid.
+  """
+  classes = class_logits.shape[-1]
+  scores = jax.nn.softmax(class_logits, axis=-1)[:, 1:]                        # (K, C)
+  boxes = box_ops.BoxCoder().decode(box_deltas[:, 1:], rois[:, None, :])      # (K, C, 4)
+  boxes = box_ops.clip_boxes(boxes, *image_size).reshape(-1, 4)
+  labels = jnp.broadcast_to(jnp.arange(1, classes), scores.shape).reshape(-1)
+  scores = scores.reshape(-1)
+  size = boxes[:, 2:] - boxes[:, :2]
+  keep = (jnp.repeat(valid, classes - 1) & (scores > score_threshold)
+          & (size[:, 0] >= 1e-2) & (size[:, 1] >= 1e-2))
+  k = min(candidates, scores.shape[0])
+  top, index = jax.lax.top_k(jnp.where(keep, scores, -1.0), k)
+  kept = box_ops.batched_nms(boxes[index], top, labels[index], top > -1.0,
+                             iou_threshold=nms_threshold, max_output=detections_per_image)
+  pick = index[kept.indices]
+  return dict(boxes=jnp.where(kept.valid[:, None], boxes[pick], 0.0),
+              scores=jnp.where(kept.valid, scores[pick], 0.0),
+              classes=jnp.where(kept.valid, labels[pick], 0), valid=kept.valid)
+
+
 def paste_masks(masks, boxes, image_size):
   """Mask probabilities (D, M, M) on their boxes (D, 4) -> (D, H, W) image-sized probabilities.
 
@@ -270,46 +371,20 @@ class RCNN(nn.Module):
   # -------------------------------------------------------------------------------- RPN
 
   def _rpn_targets(self, logits, deltas, anchors, targets):
-    """Sampled anchors' logits and deltas with their labels and target deltas."""
-    matcher = box_ops.Matcher(self.rpn_fg_iou_threshold, self.rpn_bg_iou_threshold, True)
-    coder = box_ops.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
-    keys = jax.random.split(self.make_rng("sampling"), logits.shape[0])
-
-    def per_image(key, logits, deltas, gt_boxes, gt_valid):
-      matches = matcher(box_ops.box_iou(gt_boxes, anchors), gt_valid)
-      sample = box_ops.sample_balanced(key, matches.labels, self.rpn_batch_size_per_image,
-                                       self.rpn_positive_fraction)
-      matched = gt_boxes[matches.gt_index[sample.indices]]
-      return dict(logits=logits[sample.indices], labels=sample.is_positive.astype(jnp.float32),
-                  deltas=deltas[sample.indices],
-                  target_deltas=coder.encode(matched, anchors[sample.indices]),
-                  positive=sample.is_positive & sample.valid, valid=sample.valid)
-
-    return jax.vmap(per_image)(keys, logits, deltas, targets["boxes"], targets["objects_valid"])
+    return rpn_targets(self.make_rng("sampling"), logits, deltas, anchors, targets,
+                       fg_iou_threshold=self.rpn_fg_iou_threshold,
+                       bg_iou_threshold=self.rpn_bg_iou_threshold,
+                       batch_size_per_image=self.rpn_batch_size_per_image,
+                       positive_fraction=self.rpn_positive_fraction)
 
   # -------------------------------------------------------------------------------- RoI heads
 
   def _sample_rois(self, proposals, proposals_valid, targets):
-    """Proposals plus ground truth, matched and sampled: (rois, valid, targets of each RoI)."""
-    matcher = box_ops.Matcher(self.box_fg_iou_threshold, self.box_bg_iou_threshold, False)
-    coder = box_ops.BoxCoder()
-    keys = jax.random.split(self.make_rng("sampling"), proposals.shape[0])
-
-    def per_image(key, proposals, valid, gt_boxes, gt_labels, gt_valid):
-      candidates = jnp.concatenate([proposals, gt_boxes])
-      candidates_valid = jnp.concatenate([valid, gt_valid])
-      matches = matcher(box_ops.box_iou(gt_boxes, candidates), gt_valid, candidates_valid)
-      sample = box_ops.sample_balanced(key, matches.labels, self.box_batch_size_per_image,
-                                       self.box_positive_fraction)
-      rois = candidates[sample.indices]
-      gt_index = matches.gt_index[sample.indices]
-      positive = sample.is_positive & sample.valid
-      classes = jnp.where(positive, gt_labels[gt_index] + 1, 0)
-      return rois, sample.valid, dict(classes=classes, positive=positive, gt_index=gt_index,
-                                      target_deltas=coder.encode(gt_boxes[gt_index], rois))
-
-    return jax.vmap(per_image)(keys, proposals, proposals_valid, targets["boxes"],
-                               targets["labels"], targets["objects_valid"])
+    return sample_rois(self.make_rng("sampling"), proposals, proposals_valid, targets,
+                       batch_size_per_image=self.box_batch_size_per_image,
+                       positive_fraction=self.box_positive_fraction,
+                       fg_iou_threshold=self.box_fg_iou_threshold,
+                       bg_iou_threshold=self.box_bg_iou_threshold)
 
   def _pool(self, features, rois, size):
     b, k = rois.shape[:2]
@@ -332,32 +407,10 @@ class RCNN(nn.Module):
     return logits.astype(jnp.float32), deltas.reshape(deltas.shape[:2] + (classes, 4)).astype(jnp.float32)
 
   def _detect(self, rois, valid, class_logits, box_deltas, image_size):
-    """One image's detections, torchvision's `RoIHeads.postprocess_detections`.
-
-    Per RoI and foreground class a decoded, clipped box with its softmax score; candidates
-    scoring <= box_score_threshold or narrower than 0.01 pixels dropped; the
-    `detection_candidates` best go through per-class NMS; `detections_per_image` kept. The
-    candidate cap makes the shapes static; torchvision has none (it keeps every box above the
-    threshold), so the two differ only when more candidates than the cap pass the threshold.
-    """
-    classes = self.num_classes + 1
-    scores = jax.nn.softmax(class_logits, axis=-1)[:, 1:]                        # (K, C)
-    boxes = box_ops.BoxCoder().decode(box_deltas[:, 1:], rois[:, None, :])      # (K, C, 4)
-    boxes = box_ops.clip_boxes(boxes, *image_size).reshape(-1, 4)
-    labels = jnp.broadcast_to(jnp.arange(1, classes), scores.shape).reshape(-1)
-    scores = scores.reshape(-1)
-    size = boxes[:, 2:] - boxes[:, :2]
-    keep = (jnp.repeat(valid, classes - 1) & (scores > self.box_score_threshold)
-            & (size[:, 0] >= 1e-2) & (size[:, 1] >= 1e-2))
-    k = min(self.detection_candidates, scores.shape[0])
-    top, index = jax.lax.top_k(jnp.where(keep, scores, -1.0), k)
-    kept = box_ops.batched_nms(boxes[index], top, labels[index], top > -1.0,
-                               iou_threshold=self.box_nms_threshold,
-                               max_output=self.detections_per_image)
-    pick = index[kept.indices]
-    return dict(boxes=jnp.where(kept.valid[:, None], boxes[pick], 0.0),
-                scores=jnp.where(kept.valid, scores[pick], 0.0),
-                classes=jnp.where(kept.valid, labels[pick], 0), valid=kept.valid)
+    return postprocess_detections(
+        rois, valid, class_logits, box_deltas, image_size, score_threshold=self.box_score_threshold,
+        nms_threshold=self.box_nms_threshold, detections_per_image=self.detections_per_image,
+        candidates=self.detection_candidates)
 
   # -------------------------------------------------------------------------------- masks
 

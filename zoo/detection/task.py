@@ -1,8 +1,9 @@
 """Object detection and instance segmentation as a trainer task (Faster / Mask R-CNN).
 
 Losses are detectron2's defaults, from the targets the model sampled (zoo.detection.rcnn):
-- RPN: binary cross-entropy of the sampled anchors' objectness, and L1 (smooth L1 with beta 0)
-  of the positive anchors' deltas, both summed and divided by rpn_batch_size_per_image x B;
+- RPN (when the outputs have one; Fast R-CNN has none): binary cross-entropy of the sampled
+  anchors' objectness, and L1 (smooth L1 with beta 0) of the positive anchors' deltas, both
+  summed and divided by rpn_batch_size_per_image x B;
 - box head: softmax cross-entropy over the sampled RoIs (mean), L1 of the positive RoIs'
   gt-class deltas summed and divided by the number of sampled RoIs;
 - mask head: per-pixel binary cross-entropy of the positive RoIs' gt-class masks (mean).
@@ -10,6 +11,10 @@ Losses are detectron2's defaults, from the targets the model sampled (zoo.detect
 Evaluation collects every image's detections (the trainer concatenates them over the split:
 `eval_concatenates`) and computes COCO's box AP (and mask AP with masks) on them with
 `zoo.metrics`. Category ids are the dataset labels + 1 (0 is the model's background).
+
+`external_proposals=True` (Fast R-CNN, zoo.detection.fast_rcnn): the model also gets the
+batch's `id` and, in evaluation too, the ground truth (`model_eval_targets`), from which it
+generates the embedded data's proposals (zoo.detection.proposals).
 """
 
 import jax
@@ -30,27 +35,31 @@ class Detection:
 
   eval_concatenates = True
 
-  def __init__(self, num_classes: int, masks: bool = False, rpn_batch_size_per_image: int = 256):
+  def __init__(self, num_classes: int, masks: bool = False, rpn_batch_size_per_image: int = 256,
+               external_proposals: bool = False):
     self.num_classes = num_classes
     self.masks = masks
     self.rpn_batch_size_per_image = rpn_batch_size_per_image
     self.features = ("image", "boxes", "labels", "objects_valid") + (
-        ("instance_masks",) if masks else ())
+        ("instance_masks",) if masks else ()) + (("id",) if external_proposals else ())
     self.model_targets = self.features[1:]
+    # Keys the model also gets in evaluation (the trainer's eval_step passes them as targets=).
+    self.model_eval_targets = self.model_targets if external_proposals else ()
 
   def loss(self, outputs, batch):
-    rpn, box = outputs["rpn"], outputs["box"]
-    b = rpn["logits"].shape[0]
-    normalizer = self.rpn_batch_size_per_image * b
-    rpn_objectness = jnp.sum(optax.sigmoid_binary_cross_entropy(rpn["logits"], rpn["labels"])
-                             * rpn["valid"]) / normalizer
-    rpn_box = _l1(rpn["deltas"], rpn["target_deltas"], rpn["positive"]) / normalizer
+    box = outputs["box"]
+    losses = {}
+    if "rpn" in outputs:
+      rpn = outputs["rpn"]
+      normalizer = self.rpn_batch_size_per_image * rpn["logits"].shape[0]
+      losses["rpn_objectness"] = jnp.sum(optax.sigmoid_binary_cross_entropy(
+          rpn["logits"], rpn["labels"]) * rpn["valid"]) / normalizer
+      losses["rpn_box"] = _l1(rpn["deltas"], rpn["target_deltas"], rpn["positive"]) / normalizer
     sampled = jnp.maximum(box["valid"].sum(), 1)
     box_cls = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
         box["class_logits"], box["classes"]) * box["valid"]) / sampled
     box_reg = _l1(box["deltas"], box["target_deltas"], box["positive"]) / sampled
-    losses = {"rpn_objectness": rpn_objectness, "rpn_box": rpn_box, "box_cls": box_cls,
-              "box_reg": box_reg}
+    losses.update(box_cls=box_cls, box_reg=box_reg)
     if self.masks:
       mask = outputs["mask"]
       per_roi = optax.sigmoid_binary_cross_entropy(mask["logits"], mask["targets"]).mean((-2, -1))

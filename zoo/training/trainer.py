@@ -103,7 +103,11 @@ def train_step(state: TrainState, batch: dict, rng, *, model: nn.Module, task: T
 
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module, task: Task):
   """The task's additive evaluation totals for one batch."""
-  outputs, _ = model.apply({"params": state.params, **state.model_state}, batch["image"], train=False)
+  # A task may hand the model some of the batch in evaluation too (Fast R-CNN's proposals).
+  model_targets = getattr(task, "model_eval_targets", ())
+  kwargs = {"targets": {k: batch[k] for k in model_targets}} if model_targets else {}
+  outputs, _ = model.apply({"params": state.params, **state.model_state}, batch["image"],
+                           train=False, **kwargs)
   return task.eval_sums(outputs, batch)
 
 
