@@ -63,4 +63,5 @@ def _import_model_files():
   # Importing the families registers their models; done lazily so `import zoo` stays light.
   from zoo import segmentation  # noqa: F401
   from zoo.detection import rcnn  # noqa: F401
+  from zoo.detection import fast_rcnn  # noqa: F401
   from zoo import transformers  # noqa: F401
