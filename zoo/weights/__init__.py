@@ -16,6 +16,9 @@ Formats so far:
                  (vit_jax's scipy zoom) when image_size gives another grid than the checkpoint's.
   timm           timm's SwinTransformer and VisionTransformer state dicts (`zoo.weights.timm`
                  says which variants and hyper-parameters: timm's names, timm's defaults).
+  torchvision    torchvision's resnet50, vgg16, fasterrcnn_resnet50_fpn and maskrcnn_resnet50_fpn
+                 state dicts (`zoo.weights.torchvision`: model= or told from the names; sizes
+                 read from the shapes).
 """
 
 import os
@@ -30,7 +33,7 @@ import numpy as np
 
 from zoo import registry
 
-FORMATS = ("swin_official", "vit_jax", "timm")
+FORMATS = ("swin_official", "vit_jax", "timm", "torchvision")
 
 
 def _read(source) -> dict[str, np.ndarray]:
@@ -159,6 +162,9 @@ def load_checkpoint(source, *, format: str, **hyperparameters):
   if format == "timm":
     from zoo.weights import timm  # noqa: PLC0415 (it imports this module's helpers)
     return timm.load(state, **hyperparameters)
+  if format == "torchvision":
+    from zoo.weights import torchvision  # noqa: PLC0415 (it imports this module's helpers)
+    return torchvision.load(state, **hyperparameters)
   model = registry.create("swin", **hyperparameters)
   size = model.img_size
   expected = jax.eval_shape(lambda: model.init(

@@ -1,0 +1,292 @@
+"""`zoo.load_checkpoint(source, format="torchvision", ...)`: torchvision's ResNet-50, VGG-16,
+Faster R-CNN and Mask R-CNN (R50-FPN) weights.
+
+    model, variables = zoo.load_checkpoint("maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth",
+                                           format="torchvision")
+    detections, aux = model.apply(variables, images_nhwc_in_0_1, train=False)
+
+The model is told from the names (`backbone.body.*` = an R-CNN, with `roi_heads.mask_predictor.*`
+a Mask R-CNN; `features.*` + `classifier.*` = VGG; `layer1.*` = ResNet) or by `model=` one of
+MODELS. Widths, block counts and class counts are read from the checkpoint's shapes; keyword
+hyper-parameters (the zoo model's names) override them and must agree with the shapes. Every
+tensor is converted, nothing is dropped silently: a name the model lacks, a parameter the
+checkpoint lacks or a shape that disagrees is a ValueError naming each.
+
+Conversions (torchvision -> zoo):
+- Convolutions: weight (O, I, kh, kw) -> kernel (kh, kw, I, O); Linear (out, in) -> (in, out).
+- BatchNorm2d and FrozenBatchNorm2d (the pretrained detectors' norm; eps 1e-5 in both):
+  weight, bias -> params scale, bias; running_mean, running_var -> batch_stats mean, var;
+  num_batches_tracked is ignored.
+- Flatten order: torchvision flattens NCHW maps before its first Linear, so an input feature
+  index is c * h * w + y * w + x; the zoo's maps are NHWC. VGG's classifier.0 (4096, 512 * 7 * 7)
+  becomes fc6's 7 x 7 x 512 x 4096 convolution kernel, and the box head's fc6 (1024, 256 * 7 * 7)
+  has its rows permuted to the (y, x, c) order of our flattened (7, 7, 256) RoI features.
+- ConvTranspose2d (mask head's conv5_mask): weight (I, O, kh, kw) -> kernel (kh, kw, I, O)
+  flipped in both spatial axes (flax's ConvTranspose correlates with the kernel unflipped).
+
+Models:
+  resnet50   torchvision.models.resnet50 (any `ResNet(Bottleneck, ...)` state dict) ->
+             zoo.backbones.ResNet(blocks, width, num_classes, norm="batch"): its outputs["logits"]
+             are torchvision's logits, "C2".."C5" the outputs of layer1..layer4 (NHWC).
+  vgg16      torchvision.models.vgg16 -> zoo.backbones.VGG16(widths, fc_width, num_classes)
+             (features.{0, 2, 5, ...} -> conv1_1 .. conv5_3, classifier.{0, 3, 6} -> fc6, fc7, fc8
+             as convolutions). On a 224 x 224 image, outputs["fc8"][:, 3, 3] are torchvision's
+             logits (its adaptive 7 x 7 average pool is then the identity and fc6's "same"-padded
+             7 x 7 window at the centre sees exactly pool5); other sizes give the fully
+             convolutional map, not torchvision's resized classifier input. vgg16_bn is not
+             supported (its BN tensors are reported as names the model lacks).
+  fasterrcnn_resnet50_fpn, maskrcnn_resnet50_fpn
+             -> zoo.detection.rcnn.RCNN ("faster_rcnn_r50_fpn" / "mask_rcnn_r50_fpn") with
+             torchvision's RoI pooling: norm="frozen", roi_sampling_ratio=2, roi_aligned=False
+             (MultiScaleRoIAlign); num_classes = torchvision's num_classes - 1 (the zoo's count
+             excludes the background class, torchvision's includes it: 91 -> 90 for COCO); depth,
+             width, fpn_channels, representation_size, mask_channels from the shapes. Names:
+             backbone.body.* -> body, backbone.fpn.inner_blocks.{i}[.0] / layer_blocks.{i}[.0]
+             -> fpn/inner_blocks_i, layer_blocks_i, rpn.head.conv[.0.0] / cls_logits / bbox_pred
+             -> rpn_head, roi_heads.box_head.fc6 / fc7 -> fc6 / fc7,
+             roi_heads.box_predictor.cls_score / bbox_pred -> cls_score / bbox_pred,
+             roi_heads.mask_head.{i}.0 (torchvision >= 0.13) or .mask_fcn{i+1} -> mask_fcn{i+1},
+             roi_heads.mask_predictor.conv5_mask / mask_fcn_logits -> conv5_mask / mask_fcn_logits.
+             Known differences from torchvision that remain (they change no weights): the zoo's
+             inference takes images whose sides are multiples of 32 and does not resize them
+             (torchvision resizes to min_size 800 / max_size 1333 and pads); the zoo's P6
+             anchors use stride 64 where torchvision uses image size // P6 grid size (the same
+             when the sides are multiples of 64); RoIs are assigned to FPN levels with
+             detectron2's floor(4 + log2(sqrt(area) / 224 + 1e-8)) where torchvision's
+             LevelMapper adds its 1e-6 after the log2 (they disagree only for boxes within a
+             relative 1e-6 below a level boundary); and detection_candidates caps the boxes
+             entering the final NMS (torchvision has no cap).
+"""
+
+import re
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zoo import registry
+from zoo.backbones.resnet import RESNET_BLOCKS, ResNet
+from zoo.backbones.vgg import STAGE_DEPTHS, VGG16
+from zoo.weights import _convert
+
+MODELS = ("resnet50", "vgg16", "fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn")
+_REGISTRY_NAMES = {"fasterrcnn_resnet50_fpn": "faster_rcnn_r50_fpn",
+                   "maskrcnn_resnet50_fpn": "mask_rcnn_r50_fpn"}
+# torchvision's detection RoI heads: MultiScaleRoIAlign(sampling_ratio=2), aligned=False.
+RCNN_SETTINGS = dict(norm="frozen", roi_sampling_ratio=2, roi_aligned=False)
+_POOLED = 7  # the box head's RoI resolution (TwoMLPHead reads 256 * 7 * 7 features)
+
+_same = lambda a: a
+_hwio = lambda a: a.transpose(2, 3, 1, 0) if a.ndim == 4 else a          # OIHW -> HWIO
+_dense = lambda a: a.T if a.ndim == 2 else a                             # (out, in) -> (in, out)
+# ConvTranspose2d (I, O, kh, kw) -> flax ConvTranspose (kh, kw, I, O), spatially flipped.
+_transposed_conv = lambda a: a[:, :, ::-1, ::-1].transpose(2, 3, 0, 1) if a.ndim == 4 else a
+
+
+def _nchw_flattened(a, size=_POOLED):
+  """Linear weight (out, C * size * size) over an NCHW-flattened map -> kernel (size, size, C,
+  out); unchanged when the input width is not C * size * size."""
+  if a.ndim != 2 or a.shape[1] % (size * size):
+    return a
+  return a.reshape(a.shape[0], -1, size, size).transpose(2, 3, 1, 0)
+
+
+def _box_fc6(a):
+  """The box head's fc6 (R, C * 7 * 7) over NCHW-flattened RoI features -> Dense kernel
+  (7 * 7 * C, R) whose rows follow our NHWC flatten (y, x, c)."""
+  kernel = _nchw_flattened(a)
+  return kernel.reshape(-1, a.shape[0]) if kernel.ndim == 4 else _dense(a)
+
+
+def which_model(state) -> str:
+  """One of MODELS, told from a torchvision state dict's names."""
+  if any(name.startswith("backbone.body.") for name in state):
+    if any(name.startswith("roi_heads.mask_") for name in state):
+      return "maskrcnn_resnet50_fpn"
+    return "fasterrcnn_resnet50_fpn"
+  if any(name.startswith("features.") for name in state) and any(
+      name.startswith("classifier.") for name in state):
+    return "vgg16"
+  if any(name.startswith("layer1.") for name in state):
+    return "resnet50"
+  raise ValueError("torchvision: cannot tell which model this state dict is (no backbone.body.*, "
+                   "features.* + classifier.* or layer1.* names); pass model= one of "
+                   f"{MODELS}.")
+
+
+def load(state, *, model: str | None = None, **hyperparameters):
+  """(model, variables) from a torchvision state dict (name -> array, `module.` prefixes allowed).
+
+  Args:
+    state: torchvision's `model.state_dict()` as NumPy arrays (any float dtype).
+    model: one of MODELS; None tells it from the names.
+    **hyperparameters: the zoo model's (ResNet's, VGG16's or RCNN's fields); unset ones come
+      from the checkpoint's shapes (module doc).
+
+  Raises:
+    ValueError naming every unknown, missing or mis-shaped tensor.
+  """
+  state = {name.removeprefix("module."): np.asarray(array) for name, array in state.items()}
+  model = model or which_model(state)
+  if model not in MODELS:
+    raise ValueError(f"torchvision: model={model!r} is not one of {MODELS}.")
+  if model == "resnet50":
+    return _load_resnet(state, **hyperparameters)
+  if model == "vgg16":
+    return _load_vgg(state, **hyperparameters)
+  return _load_rcnn(state, model, **hyperparameters)
+
+
+def _expected(module, size, **kwargs):
+  """Our variables' shapes: {"params": ..., "batch_stats": ...} of ShapeDtypeStructs."""
+  return flax.core.unfreeze(jax.eval_shape(lambda: module.init(
+      jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False, **kwargs)))
+
+
+def _block_counts(state, prefix):
+  """Bottlenecks per layer from `{prefix}layer{k}.{i}.` names: (n1, n2, n3, n4)."""
+  counts = []
+  for stage in range(1, 5):
+    found = {int(m.group(1)) for name in state
+             for m in [re.match(rf"{re.escape(prefix)}layer{stage}\.(\d+)\.", name)] if m}
+    counts.append(max(found) + 1 if found else 0)
+  return tuple(counts)
+
+
+def _shape(state, name, axis=0, default=None):
+  return state[name].shape[axis] if name in state and state[name].ndim > axis else default
+
+
+def _resnet_rename(name, root):
+  """A torchvision ResNet (Bottleneck) name without its prefix -> ((collection, *root, ...), fn)."""
+  *path, leaf = name.split(".")
+  module = path[-1] if path else ""
+  is_norm = re.fullmatch(r"bn\d", module) or path[-2:] == ["downsample", "1"]
+  if leaf == "num_batches_tracked" and is_norm:
+    return None
+  if is_norm:
+    collection, ours = {"weight": ("params", "scale"), "bias": ("params", "bias"),
+                        "running_mean": ("batch_stats", "mean"),
+                        "running_var": ("batch_stats", "var")}.get(leaf, ("torchvision", leaf))
+    return (collection, *root, *path, ours), _same
+  if leaf == "weight" and (re.fullmatch(r"conv\d", module) or path[-2:] == ["downsample", "0"]):
+    return ("params", *root, *path, "kernel"), _hwio
+  if path == ["fc"]:
+    return (("params", *root, "fc", "kernel"), _dense) if leaf == "weight" else (
+        ("params", *root, "fc", leaf), _same)
+  return ("torchvision", name), _same  # not ours: _convert names it
+
+
+def _load_resnet(state, **hyperparameters):
+  blocks = _block_counts(state, "")
+  h = dict(blocks=blocks if min(blocks) > 0 else RESNET_BLOCKS["resnet50"],
+           width=_shape(state, "conv1.weight", 0, 64),
+           num_classes=_shape(state, "fc.weight", 0), norm="batch")
+  module = ResNet(**{**h, **hyperparameters})
+  expected = _expected(module, 64)
+  variables = _convert(state, lambda n: _resnet_rename(n, ()), expected, "torchvision (resnet50)")
+  return module, variables
+
+
+def _vgg_conv_names():
+  """torchvision's features.{index} -> our conv{stage}_{i} for configuration D without BN."""
+  names, index = {}, 0
+  for stage, depth in enumerate(STAGE_DEPTHS, start=1):
+    for i in range(1, depth + 1):
+      names[index] = f"conv{stage}_{i}"
+      index += 2          # Conv2d, ReLU
+    index += 1            # MaxPool2d
+  return names
+
+
+def _load_vgg(state, **hyperparameters):
+  convs = _vgg_conv_names()
+  last_conv = max(convs)
+  widths = tuple(_shape(state, f"features.{i}.weight", 0, 0) for i in
+                 [max(k for k, n in convs.items() if n.startswith(f"conv{s}_")) for s in range(1, 6)])
+  h = dict(widths=widths if min(widths) > 0 else (64, 128, 256, 512, 512),
+           fc_width=_shape(state, "classifier.0.weight", 0, 4096),
+           num_classes=_shape(state, "classifier.6.weight", 0, 1000))
+  module = VGG16(**{**h, **hyperparameters})
+  expected = _expected(module, 32)
+  fc = {"0": ("fc6", _nchw_flattened), "3": ("fc7", lambda a: _dense(a)[None, None]),
+        "6": ("fc8", lambda a: _dense(a)[None, None])}
+
+  def rename(name):
+    match = re.fullmatch(r"features\.(\d+)\.(weight|bias)", name)
+    if match and int(match.group(1)) in convs:
+      layer = convs[int(match.group(1))]
+      return (("params", layer, "kernel"), _hwio) if match.group(2) == "weight" else (
+          ("params", layer, "bias"), _same)
+    match = re.fullmatch(r"classifier\.(\d+)\.(weight|bias)", name)
+    if match and match.group(1) in fc:
+      layer, convert = fc[match.group(1)]
+      return (("params", layer, "kernel"), convert) if match.group(2) == "weight" else (
+          ("params", layer, "bias"), _same)
+    return ("torchvision", name), _same
+
+  hints = {("params", "fc6", "kernel"): (
+      f"torchvision's classifier.0 reads pool5 ({h['widths'][-1]} channels after "
+      f"features.{last_conv}) average-pooled to 7 x 7 and flattened NCHW.")}
+  variables = _convert(state, rename, expected, "torchvision (vgg16)", hints)
+  return module, variables
+
+
+def _load_rcnn(state, model, **hyperparameters):
+  masks = model == "maskrcnn_resnet50_fpn"
+  blocks = _block_counts(state, "backbone.body.")
+  depth = next((name for name, b in RESNET_BLOCKS.items() if b == blocks), None)
+  if depth is None and "depth" not in hyperparameters:
+    raise ValueError(f"torchvision ({model}): its backbone has {blocks} bottlenecks per layer, "
+                     f"which is none of {RESNET_BLOCKS} (the R-CNN's depth choices).")
+  inferred = dict(depth=depth, width=_shape(state, "backbone.body.conv1.weight", 0),
+                  fpn_channels=_shape(state, "rpn.head.cls_logits.weight", 1),
+                  representation_size=_shape(state, "roi_heads.box_head.fc6.weight", 0),
+                  num_classes=(_shape(state, "roi_heads.box_predictor.cls_score.weight", 0, 92)
+                               - 1))
+  if masks:
+    inferred["mask_channels"] = _shape(state, "roi_heads.mask_predictor.conv5_mask.weight", 1)
+  inferred = {k: v for k, v in inferred.items() if v is not None}
+  module = registry.create(_REGISTRY_NAMES[model],
+                           **{**RCNN_SETTINGS, **inferred, **hyperparameters})
+  expected = _expected(module, 64)
+
+  def rename(name):
+    if name.startswith("backbone.body."):
+      return _resnet_rename(name.removeprefix("backbone.body."), ("body",))
+    *path, leaf = name.split(".")
+    if leaf not in ("weight", "bias"):
+      return ("torchvision", name), _same
+    key = "kernel" if leaf == "weight" else "bias"
+    layer, convert = None, _hwio
+    match = re.fullmatch(r"backbone\.fpn\.(inner|layer)_blocks\.(\d)(\.0)?", ".".join(path))
+    if match:
+      layer = ("fpn", f"{match.group(1)}_blocks_{match.group(2)}")
+    match = re.fullmatch(r"rpn\.head\.(conv(?:\.0\.0)?|cls_logits|bbox_pred)", ".".join(path))
+    if match:
+      layer = ("rpn_head", match.group(1).split(".")[0])
+    match = re.fullmatch(r"roi_heads\.box_(?:head|predictor)\.(fc6|fc7|cls_score|bbox_pred)",
+                         ".".join(path))
+    if match:
+      layer = (match.group(1),)
+      convert = _box_fc6 if match.group(1) == "fc6" else _dense
+    match = re.fullmatch(r"roi_heads\.mask_head\.(?:(\d)\.0|mask_fcn(\d))", ".".join(path))
+    if match:
+      layer = (f"mask_fcn{int(match.group(1)) + 1}" if match.group(1) else f"mask_fcn{match.group(2)}",)
+    match = re.fullmatch(r"roi_heads\.mask_predictor\.(conv5_mask|mask_fcn_logits)", ".".join(path))
+    if match:
+      layer = (match.group(1),)
+      convert = _transposed_conv if match.group(1) == "conv5_mask" else _hwio
+    if layer is None:
+      return ("torchvision", name), _same
+    return ("params", *layer, key), convert if key == "kernel" else _same
+
+  hints = {("params", "fc6", "kernel"): (
+      f"torchvision's box head reads fpn_channels x {_POOLED} x {_POOLED} RoI features "
+      "(flattened NCHW) into representation_size units."),
+           ("params", "cls_score", "kernel"): (
+      "torchvision's num_classes counts the background; the zoo's does not (give it minus one).")}
+  hints[("params", "cls_score", "bias")] = hints[("params", "cls_score", "kernel")]
+  variables = _convert(state, rename, expected, f"torchvision ({model})", hints)
+  return module, variables
