@@ -226,6 +226,11 @@ def _prepare(static: _Static, features):
   if static.implementation == "xla":
     return features
   b, n, d = features.shape
+  if static.implementation == "pallas_gpu":
+    from kernels import dense_crf_mosaic_gpu as gpu
+    if d > gpu.MAX_FEATURES:
+      raise ValueError(f"{_OP}: implementation='pallas_gpu' takes images of at most "
+                       f"{gpu.MAX_FEATURES - 2} channels, got {d - 2}; use 'xla'.")
   plan = _tile_plan(static, n, d)
   order = z_order(features)
   rank = jnp.argsort(order, axis=1).astype(jnp.int32)
@@ -361,9 +366,6 @@ def _gpu_bilateral(static: _Static, layout: _Layout, q):
   from kernels import dense_crf_mosaic_gpu as gpu
   b, n, l = q.shape
   d = layout.features.shape[-1]
-  if d > gpu.MAX_FEATURES:
-    raise ValueError(f"{_OP}: implementation='pallas_gpu' takes images of at most "
-                     f"{gpu.MAX_FEATURES - 2} channels, got {d - 2}; use 'xla'.")
   plan = _tile_plan(static, n, d)
   out = gpu.bilateral(layout.features, _ordered(layout, q, plan.pixels),
                       _tile_boxes(layout.features, gpu.TILE), SKIP_DISTANCE2,

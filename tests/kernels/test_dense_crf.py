@@ -218,14 +218,19 @@ def pallas_tolerance(image, params):
   return (d + 2) * 2.0 ** -25 * (diagonal + 7.4) ** 2
 
 
-# The GPU kernel's tiles are fixed (64 pixels): block_sizes only matter on the TPU.
-PALLAS_BLOCKS = [("pallas_tpu", dense_crf_module.BlockSizes()),
-                 pytest.param("pallas_tpu", SMALL_TILES, marks=pytest.mark.slow),
-                 ("pallas_gpu", dense_crf_module.BlockSizes())]
+# The GPU kernel's tiles are fixed (64 pixels): block_sizes only matter on the TPU. By default
+# every case runs on the TPU kernel with its default tiles and the first on the GPU kernel;
+# -m slow adds the rest (each interpret-mode call takes seconds).
+_TPU_DEFAULT, _GPU = ("pallas_tpu", dense_crf_module.BlockSizes()), ("pallas_gpu", dense_crf_module.BlockSizes())
+FILTER_CASES = (
+    [pytest.param(*_TPU_DEFAULT, case, id=f"{name}-tpu") for case, name in zip(CASES, IDS)]
+    + [pytest.param("pallas_tpu", SMALL_TILES, case, id=f"{name}-tpu-small", marks=pytest.mark.slow)
+       for case, name in zip(CASES, IDS)]
+    + [pytest.param(*_GPU, case, id=f"{name}-gpu", marks=() if i == 0 else pytest.mark.slow)
+       for i, (case, name) in enumerate(zip(CASES, IDS))])
 
 
-@pytest.mark.parametrize("implementation, blocks", PALLAS_BLOCKS, ids=["tpu", "tpu-small", "gpu"])
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("implementation, blocks, case", FILTER_CASES)
 def test_pallas_bilateral_filter_matches_brute_force(rng, case, blocks, implementation):
   b, h, w, l, c, params = case
   _, image = random_inputs(rng, b, h, w, l, c, params)
@@ -290,7 +295,7 @@ def test_pallas_gradients_match_xla(rng, implementation):
   fixed = {k: v for k, v in params.items() if k not in ("pos_w", "bi_w")}
 
   def loss(logits, pos_w, bi_w, mu, implementation):
-    q = kernels.dense_crf(logits, image, iterations=2, pos_w=pos_w, bi_w=bi_w, compatibility=mu,
+    q = kernels.dense_crf(logits, image, iterations=1, pos_w=pos_w, bi_w=bi_w, compatibility=mu,
                           implementation=implementation, **fixed)
     return jnp.sum(q * weights)
 
