@@ -27,7 +27,9 @@ from zoo.metrics import coco
 
 
 def _l1(x, y, weight):
-  return jnp.sum(jnp.abs(x - y).sum(-1) * weight)
+  # where, not a product: the targets of unmatched slots in an image without objects are
+  # encoded against a zero-size box (-inf), and inf * 0 is NaN under jit.
+  return jnp.sum(jnp.where(weight, jnp.abs(x - y).sum(-1), 0.0))
 
 
 class Detection:
