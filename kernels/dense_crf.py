@@ -272,7 +272,7 @@ def tile_pairs_kept(image, *, bi_xy_std=67.0, bi_rgb_std=3.0, implementation="pa
   return jnp.mean(active, axis=(1, 2))
 
 
-def _tpu_kernel(query_boxes, key_boxes, f_query, f_keys, q_keys, out_ref, k_tile, q_tile, acc,
+def _tpu_kernel(query_boxes, key_boxes, f_query, f_keys, q_keys, out_ref, k_tiles, q_tiles, acc,
                 sems, *, plan: _TilePlan):
   b, t = pl.program_id(0), pl.program_id(1)
   d, lanes = plan.features, plan.lanes
@@ -284,6 +284,27 @@ def _tpu_kernel(query_boxes, key_boxes, f_query, f_keys, q_keys, out_ref, k_tile
   q_hi = [box(query_boxes, plan.query_tiles, t, 1, k) for k in range(d)]
   centre = [(lo + hi) * 0.5 for lo, hi in zip(q_lo, q_hi)]
 
+  def within_reach(s):
+    """Whether key tile s (< key_tiles) may hold a kernel value >= SKIP_EPSILON."""
+    distance2 = 0.0
+    for k in range(d):
+      gap = jnp.maximum(jnp.maximum(box(key_boxes, plan.key_tiles, s, 0, k) - q_hi[k],
+                                    q_lo[k] - box(key_boxes, plan.key_tiles, s, 1, k)), 0.0)
+      distance2 = distance2 + gap * gap
+    return distance2 <= SKIP_DISTANCE2
+
+  def next_key_tile(s):
+    """The first key tile after s within reach, or key_tiles when there is none."""
+    def skip(s):
+      return (s < plan.key_tiles) & ~within_reach(jnp.minimum(s, plan.key_tiles - 1))
+    return lax.while_loop(skip, lambda s: s + 1, s + 1)
+
+  def copies(s, slot):
+    return (pltpu.make_async_copy(f_keys.at[b, :, pl.ds(s * plan.key, plan.key)], k_tiles.at[slot],
+                                  sems.at[0, slot]),
+            pltpu.make_async_copy(q_keys.at[b, pl.ds(s * plan.key, plan.key), :], q_tiles.at[slot],
+                                  sems.at[1, slot]))
+
   lane = lax.broadcasted_iota(jnp.int32, (1, lanes), 1)
   sublane = lax.broadcasted_iota(jnp.int32, (lanes, 1), 0)
   centre_row = sum(jnp.where(lane == k, centre[k], 0.0) for k in range(d))
@@ -294,31 +315,38 @@ def _tpu_kernel(query_boxes, key_boxes, f_query, f_keys, q_keys, out_ref, k_tile
   query_index = t * plan.query + lax.broadcasted_iota(jnp.int32, (plan.query, plan.key), 0)
   acc[...] = jnp.zeros_like(acc)
 
-  @pl.loop(0, plan.key_tiles)
-  def _(s):
-    distance2 = 0.0
-    for k in range(d):
-      gap = jnp.maximum(jnp.maximum(box(key_boxes, plan.key_tiles, s, 0, k) - q_hi[k],
-                                    q_lo[k] - box(key_boxes, plan.key_tiles, s, 1, k)), 0.0)
-      distance2 = distance2 + gap * gap
+  # Double-buffered walk over the key tiles within reach: tile s computes while the next one's
+  # copies run into the other slot.
+  first = next_key_tile(-1)
 
-    @pl.when(distance2 <= SKIP_DISTANCE2)
+  @pl.when(first < plan.key_tiles)
+  def _():
+    for copy in copies(first, 0):
+      copy.start()
+
+  def step(carry):
+    s, slot = carry
+    following = next_key_tile(s)
+
+    @pl.when(following < plan.key_tiles)
     def _():
-      copy_f = pltpu.make_async_copy(f_keys.at[b, :, pl.ds(s * plan.key, plan.key)], k_tile, sems.at[0])
-      copy_q = pltpu.make_async_copy(q_keys.at[b, pl.ds(s * plan.key, plan.key), :], q_tile, sems.at[1])
-      copy_f.start()
-      copy_q.start()
-      copy_f.wait()
-      b_t = k_tile[...] - centre_col                              # (lanes, TK), zero beyond D
-      k_aug = -2.0 * b_t + jnp.where(sublane == d, 1.0, 0.0)
-      k_aug = k_aug + jnp.where(sublane == d + 1, jnp.sum(b_t * b_t, axis=0, keepdims=True), 0.0)
-      d2 = jnp.dot(q_aug, k_aug, precision=_HIGHEST, preferred_element_type=jnp.float32)
-      kernel = jnp.exp(-0.5 * jnp.maximum(d2, 0.0))               # (TQ, TK)
-      key_index = s * plan.key + lax.broadcasted_iota(jnp.int32, (plan.query, plan.key), 1)
-      kernel = jnp.where(query_index == key_index, 0.0, kernel)   # j != i, exactly
-      copy_q.wait()
-      acc[...] += jnp.dot(kernel, q_tile[...], precision=_HIGHEST, preferred_element_type=jnp.float32)
+      for copy in copies(following, 1 - slot):
+        copy.start()
 
+    copy_f, copy_q = copies(s, slot)
+    copy_f.wait()
+    b_t = k_tiles[slot] - centre_col                              # (lanes, TK), zero beyond D
+    k_aug = -2.0 * b_t + jnp.where(sublane == d, 1.0, 0.0)
+    k_aug = k_aug + jnp.where(sublane == d + 1, jnp.sum(b_t * b_t, axis=0, keepdims=True), 0.0)
+    d2 = jnp.dot(q_aug, k_aug, precision=_HIGHEST, preferred_element_type=jnp.float32)
+    kernel = jnp.exp(-0.5 * jnp.maximum(d2, 0.0))                 # (TQ, TK)
+    key_index = s * plan.key + lax.broadcasted_iota(jnp.int32, (plan.query, plan.key), 1)
+    kernel = jnp.where(query_index == key_index, 0.0, kernel)     # j != i, exactly
+    copy_q.wait()
+    acc[...] += jnp.dot(kernel, q_tiles[slot], precision=_HIGHEST, preferred_element_type=jnp.float32)
+    return following, 1 - slot
+
+  lax.while_loop(lambda carry: carry[0] < plan.key_tiles, step, (first, jnp.int32(0)))
   out_ref[...] = acc[...]
 
 
@@ -351,10 +379,10 @@ def _tpu_bilateral(static: _Static, layout: _Layout, q):
           in_specs=[pl.BlockSpec((None, plan.query, plan.lanes), lambda b, t, *_: (b, t, 0)),
                     pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
           out_specs=pl.BlockSpec((None, plan.query, l), lambda b, t, *_: (b, t, 0)),
-          scratch_shapes=[pltpu.VMEM((plan.lanes, plan.key), jnp.float32),
-                          pltpu.VMEM((plan.key, l), jnp.float32),
+          scratch_shapes=[pltpu.VMEM((2, plan.lanes, plan.key), jnp.float32),   # two slots
+                          pltpu.VMEM((2, plan.key, l), jnp.float32),
                           pltpu.VMEM((plan.query, l), jnp.float32),
-                          pltpu.SemaphoreType.DMA((2,))]),
+                          pltpu.SemaphoreType.DMA((2, 2))]),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
       interpret=pltpu.InterpretParams() if _common.interpret("pallas_tpu") else False,
   )(query_boxes, key_boxes, f_query, f_keys, _ordered(layout, q, plan.pixels))
