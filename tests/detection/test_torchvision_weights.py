@@ -101,7 +101,8 @@ def run_head(model, variables, head, rois):
   """Our box or mask head on torchvision's FPN outputs P2..P5 (the heads' inputs)."""
   _, arrays = golden("rcnn")
   features = [nhwc(arrays[f"out/P{i}"]) for i in range(2, 6)]
-  fields = {f: getattr(model, f) for f in rcnn.RCNN.__dataclass_fields__ if f not in ("parent", "name")}
+  fields = {f: getattr(model, f) for f in rcnn.RCNN.__dataclass_fields__
+            if f not in ("parent", "name")}
   heads = _Heads(**fields)
   return jax.jit(lambda v, f, r: heads.apply(v, f, r, head))(variables, features, rois)
 
@@ -116,27 +117,6 @@ def test_rcnn_hyperparameters_come_from_the_checkpoint():
   assert not faster.masks
   with pytest.raises(ValueError, match="conv5_mask"):  # mask tensors are not dropped silently
     zoo.load_checkpoint(golden("rcnn")[0], format="torchvision", model="fasterrcnn_resnet50_fpn")
-
-
-def test_rcnn_backbone_fpn_and_rpn_match_torchvision():
-  """Body C2..C5 (normalisation included), FPN P2..P6, RPN objectness and deltas per level in
-  torchvision's order, from one forward pass of the whole model."""
-  model, variables = rcnn_model()
-  _, arrays = golden("rcnn")
-  images = nhwc(arrays["in/images"])
-  names = ("body", "fpn", "rpn_head")
-  _, state = jax.jit(lambda v, x: model.apply(
-      v, x, train=False, capture_intermediates=lambda m, _: m.name in names,
-      mutable=["intermediates"]))(variables, images)
-  captured = {k: state["intermediates"][k]["__call__"][0] for k in names}
-  for level in ("C2", "C3", "C4", "C5"):
-    assert_close(captured["body"][level], nhwc(arrays[f"out/{level}"]), name=level)
-  for level in ("P2", "P3", "P4", "P5", "P6"):
-    assert_close(captured["fpn"][level], nhwc(arrays[f"out/{level}"]), name=level)
-  logits, deltas = captured["rpn_head"]
-  for i, level in enumerate(("P2", "P3", "P4", "P5", "P6")):
-    assert_close(logits[i], arrays[f"out/rpn_objectness_{level}"], name=f"objectness {level}")
-    assert_close(deltas[i], arrays[f"out/rpn_deltas_{level}"], name=f"deltas {level}")
 
 
 def test_rpn_proposals_match_torchvision():
@@ -174,20 +154,35 @@ def test_mask_head_for_given_boxes_matches_torchvision():
   model, variables = rcnn_model()
   _, arrays = golden("rcnn")
   logits = run_head(model, variables, "mask", arrays["in/mask_boxes"])
-  assert_close(np.moveaxis(np.asarray(logits), -1, 2), arrays["out/mask_logits"], name="mask logits")
+  assert_close(np.moveaxis(np.asarray(logits), -1, 2), arrays["out/mask_logits"],
+               name="mask logits")
 
 
-@pytest.mark.slow  # ~1 minute on 2 CPU cores: 4,000 RoIs and 12,000 NMS candidates per image
-def test_whole_model_detections_match_torchvision():
-  """images in [0, 1] -> detections: torchvision's `roi_heads` outputs (its postprocess at scale
-  1 only pastes the masks), with every anchor and candidate kept on both sides (the golden
-  model keeps them too), so the comparison is exact up to float32 rounding."""
+def test_whole_model_matches_torchvision():
+  """images in [0, 1] -> body C2..C5 (normalisation included), FPN P2..P6, RPN objectness and
+  deltas per level (torchvision's order), captured in one forward pass, and the detections:
+  torchvision's `roi_heads` outputs (its postprocess at scale 1 only pastes the masks). Every
+  anchor and every candidate is kept on both sides (the golden model keeps them too), so the
+  comparison is exact up to float32 rounding (and the order of boxes whose scores tie)."""
   _, arrays = golden("rcnn")
-  anchors = sum(np.prod(arrays[f"out/rpn_objectness_P{i}"].shape[1:]) for i in range(2, 7))
-  model, variables = rcnn_model(rpn_pre_nms_top_n_test=10000, rpn_post_nms_top_n_test=int(anchors),
-                                detection_candidates=int(anchors) * 3, detections_per_image=1500)
-  detections, _ = jax.jit(lambda v, x: model.apply(v, x, train=False))(
-      variables, nhwc(arrays["in/images"]))
+  # Room for every proposal torchvision kept after NMS and for all their class boxes.
+  proposals = max(len(arrays[f"out/proposals_{i}"]) for i in range(2))
+  model, variables = rcnn_model(rpn_pre_nms_top_n_test=10000, rpn_post_nms_top_n_test=proposals,
+                                detection_candidates=3 * proposals, detections_per_image=1000)
+  names = ("body", "fpn", "rpn_head")
+  (detections, _), state = jax.jit(lambda v, x: model.apply(
+      v, x, train=False, capture_intermediates=lambda m, _: m.name in names,
+      mutable=["intermediates"]))(variables, nhwc(arrays["in/images"]))
+  captured = {k: state["intermediates"][k]["__call__"][0] for k in names}
+  for level in ("C2", "C3", "C4", "C5"):
+    assert_close(captured["body"][level], nhwc(arrays[f"out/{level}"]), name=level)
+  for level in ("P2", "P3", "P4", "P5", "P6"):
+    assert_close(captured["fpn"][level], nhwc(arrays[f"out/{level}"]), name=level)
+  logits, deltas = captured["rpn_head"]
+  for i, level in enumerate(("P2", "P3", "P4", "P5", "P6")):
+    assert_close(logits[i], arrays[f"out/rpn_objectness_{level}"], name=f"objectness {level}")
+    assert_close(deltas[i], arrays[f"out/rpn_deltas_{level}"], name=f"deltas {level}")
+
   detections = jax.tree.map(np.asarray, detections)
   for i in range(2):
     valid = detections["valid"][i]
@@ -210,9 +205,8 @@ def zeros_of(layout):
   return {name: np.broadcast_to(np.float32(0), shape) for name, shape in layout.items()}
 
 
-@pytest.mark.parametrize("name", [
-    "resnet50", "fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn",
-    pytest.param("vgg16", marks=pytest.mark.slow)])  # 138 M parameters: 0.5 GB of zeros
+@pytest.mark.parametrize("name", ["resnet50", "vgg16", "fasterrcnn_resnet50_fpn",
+                                  "maskrcnn_resnet50_fpn"])
 def test_full_size_torchvision_layouts_load(name):
   """Every name and shape of the real state dicts (torchvision 0.29.1) maps onto the zoo's
   full-size model (ImageNet: 1000 classes; COCO: torchvision's 91 = 90 + background)."""
@@ -274,4 +268,6 @@ def test_bad_model_and_unknown_state_dicts_are_errors():
     zoo.load_checkpoint(state, format="torchvision", model="vgg19")
   with pytest.raises(ValueError, match="pass model="):
     zoo.load_checkpoint({"encoder.weight": np.zeros((2, 2))}, format="torchvision")
+  with pytest.raises(ValueError, match="no hyper-parameter 'depth'.*VGG16 takes widths"):
+    zoo.load_checkpoint(state, format="torchvision", depth=16)
   assert tv_weights.which_model(state) == "vgg16"

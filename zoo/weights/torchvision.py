@@ -138,6 +138,14 @@ def load(state, *, model: str | None = None, **hyperparameters):
   return _load_rcnn(state, model, **hyperparameters)
 
 
+def _check_names(cls, hyperparameters, model):
+  accepted = [f for f in cls.__dataclass_fields__ if f not in ("parent", "name")]
+  unknown = sorted(set(hyperparameters) - set(accepted))
+  if unknown:
+    raise ValueError(f"torchvision ({model}): no hyper-parameter {', '.join(map(repr, unknown))}; "
+                     f"{cls.__name__} takes {', '.join(accepted)}.")
+
+
 def _expected(module, size, **kwargs):
   """Our variables' shapes: {"params": ..., "batch_stats": ...} of ShapeDtypeStructs."""
   return flax.core.unfreeze(jax.eval_shape(lambda: module.init(
@@ -183,6 +191,7 @@ def _load_resnet(state, **hyperparameters):
   h = dict(blocks=blocks if min(blocks) > 0 else RESNET_BLOCKS["resnet50"],
            width=_shape(state, "conv1.weight", 0, 64),
            num_classes=_shape(state, "fc.weight", 0), norm="batch")
+  _check_names(ResNet, hyperparameters, "resnet50")
   module = ResNet(**{**h, **hyperparameters})
   expected = _expected(module, 64)
   variables = _convert(state, lambda n: _resnet_rename(n, ()), expected, "torchvision (resnet50)")
@@ -203,11 +212,12 @@ def _vgg_conv_names():
 def _load_vgg(state, **hyperparameters):
   convs = _vgg_conv_names()
   last_conv = max(convs)
-  widths = tuple(_shape(state, f"features.{i}.weight", 0, 0) for i in
-                 [max(k for k, n in convs.items() if n.startswith(f"conv{s}_")) for s in range(1, 6)])
+  stage_ends = {int(name[4]): index for index, name in sorted(convs.items())}  # conv{stage}_{i}
+  widths = tuple(_shape(state, f"features.{stage_ends[s]}.weight", 0, 0) for s in range(1, 6))
   h = dict(widths=widths if min(widths) > 0 else (64, 128, 256, 512, 512),
            fc_width=_shape(state, "classifier.0.weight", 0, 4096),
            num_classes=_shape(state, "classifier.6.weight", 0, 1000))
+  _check_names(VGG16, hyperparameters, "vgg16")
   module = VGG16(**{**h, **hyperparameters})
   expected = _expected(module, 32)
   fc = {"0": ("fc6", _nchw_flattened), "3": ("fc7", lambda a: _dense(a)[None, None]),
@@ -273,7 +283,8 @@ def _load_rcnn(state, model, **hyperparameters):
       convert = _box_fc6 if match.group(1) == "fc6" else _dense
     match = re.fullmatch(r"roi_heads\.mask_head\.(?:(\d)\.0|mask_fcn(\d))", ".".join(path))
     if match:
-      layer = (f"mask_fcn{int(match.group(1)) + 1}" if match.group(1) else f"mask_fcn{match.group(2)}",)
+      k = int(match.group(1)) + 1 if match.group(1) else int(match.group(2))
+      layer = (f"mask_fcn{k}",)
     match = re.fullmatch(r"roi_heads\.mask_predictor\.(conv5_mask|mask_fcn_logits)", ".".join(path))
     if match:
       layer = (match.group(1),)

@@ -8,9 +8,9 @@ Produced with torch 2.14.1 + torchvision 0.29.1 (CPU) by
 (any Python with torch + torchvision works; it needs nothing from this repo and downloads
 nothing). Every model is built by torchvision's own classes with `weights=None`, then every
 parameter and every BatchNorm buffer is overwritten with random numbers from a fixed seed
-(convolutions and linears ~ N(0, 1 / fan_in), the box classifier 20 times that, BN scales U(0.5, 1.5) (the last BN of a residual
-branch U(0.1, 0.5), so that 16 blocks neither explode nor vanish), biases and running means
-N(0, 0.1^2), running variances U(0.5, 2)), so that nothing sits at its init value (a
+(convolutions and linears ~ N(0, 1 / fan_in), the box classifier 20 times that, BN scales
+U(0.5, 1.5) (the last BN of a residual branch U(0.1, 0.5), so that 16 blocks neither explode
+nor vanish), biases and running means N(0, 0.1^2), running variances U(0.5, 2)), so that nothing sits at its init value (a
 transposition or a swapped mean / variance shows). Parameters are rounded to float16 before
 the outputs are computed, so the float16 arrays stored here are exactly the weights that
 produced them (halving the file size); the input images are float16 values too, stored as
@@ -93,7 +93,8 @@ def randomise(model, generator):
       elif leaf in ("bias", "running_mean"):
         value = 0.1 * randn()
       elif leaf == "weight":
-        fan_in = tensor[0].numel() if not isinstance(module, nn.ConvTranspose2d) else tensor.shape[0]
+        transposed = isinstance(module, nn.ConvTranspose2d)  # weight (in, out, kh, kw)
+        fan_in = tensor.shape[0] if transposed else tensor[0].numel()
         value = randn() / fan_in**0.5
         if name.endswith("cls_score.weight"):  # spread the class scores: fewer near-ties in NMS
           value = 20 * value
@@ -135,8 +136,9 @@ def vgg_golden(generator):
   for depth, width in zip([2, 2, 3, 3, 3], widths):
     cfg += [width] * depth + ["M"]
   model = tv_vgg.VGG(tv_vgg.make_layers(cfg), num_classes=10, init_weights=False)
-  model.classifier = nn.Sequential(nn.Linear(widths[-1] * 7 * 7, 32), nn.ReLU(True), nn.Dropout(),
-                                   nn.Linear(32, 32), nn.ReLU(True), nn.Dropout(), nn.Linear(32, 10))
+  model.classifier = nn.Sequential(nn.Linear(widths[-1] * 7 * 7, 32), nn.ReLU(True),
+                                   nn.Dropout(), nn.Linear(32, 32), nn.ReLU(True), nn.Dropout(),
+                                   nn.Linear(32, 10))
   model.eval()
   randomise(model, generator)
   images = torch.randn((1, 3, 224, 224), generator=generator).half().float()
@@ -144,7 +146,8 @@ def vgg_golden(generator):
     pool5 = model.features(images)
     logits = model(images)
   out = {f"state/{k}": v for k, v in numpy_state(model).items()}
-  out.update({"in/images": images.numpy(), "out/pool5": pool5.numpy(), "out/logits": logits.numpy()})
+  out.update({"in/images": images.numpy(), "out/pool5": pool5.numpy(),
+              "out/logits": logits.numpy()})
   save("torchvision_weights_vgg16.npz", out)
 
 
@@ -170,10 +173,10 @@ def rcnn_golden(generator):
                 rpn_post_nms_top_n_test=10000, box_detections_per_img=10000,
                 box_head=faster_rcnn.TwoMLPHead(FPN_CHANNELS * 7 * 7, REPRESENTATION),
                 box_predictor=faster_rcnn.FastRCNNPredictor(REPRESENTATION, CLASSES))
-  model = mask_rcnn.MaskRCNN(backbone, num_classes=None,
-                             mask_head=mask_rcnn.MaskRCNNHeads(FPN_CHANNELS, [MASK_CHANNELS] * 4, 1),
-                             mask_predictor=mask_rcnn.MaskRCNNPredictor(MASK_CHANNELS, MASK_CHANNELS,
-                                                                        CLASSES), **common).eval()
+  mask_head = mask_rcnn.MaskRCNNHeads(FPN_CHANNELS, [MASK_CHANNELS] * 4, 1)
+  mask_predictor = mask_rcnn.MaskRCNNPredictor(MASK_CHANNELS, MASK_CHANNELS, CLASSES)
+  model = mask_rcnn.MaskRCNN(backbone, num_classes=None, mask_head=mask_head,
+                             mask_predictor=mask_predictor, **common).eval()
   randomise(model, generator)
   state = model.state_dict()
   images = torch.rand((2, 3, height, width), generator=generator).half().float()
@@ -197,7 +200,8 @@ def rcnn_golden(generator):
     objectness, deltas = model.rpn.head(list(features.values()))
     for level, (o, d) in enumerate(zip(objectness, deltas), start=2):  # torchvision's order
       n, a, h, w = o.shape
-      out[f"out/rpn_objectness_P{level}"] = rpn.permute_and_flatten(o, n, a, 1, h, w)[..., 0].numpy()
+      flat = rpn.permute_and_flatten(o, n, a, 1, h, w)[..., 0]
+      out[f"out/rpn_objectness_P{level}"] = flat.numpy()
       out[f"out/rpn_deltas_P{level}"] = rpn.permute_and_flatten(d, n, a, 4, h, w).numpy()
     rpn_boxes, _ = model.rpn(transformed, features)
     box_features = model.roi_heads.box_roi_pool(features, proposals, image_sizes)
