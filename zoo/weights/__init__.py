@@ -149,7 +149,8 @@ def load_checkpoint(source, *, format: str, **hyperparameters):
     format: one of FORMATS.
     **hyperparameters: the model's, e.g. embed_dim=96, depths=(2, 2, 6, 2) for Swin (its
       registry constructor `swin` names them; format="timm" takes timm's names, see
-      `zoo.weights.timm`); they must match the checkpoint's shapes.
+      `zoo.weights.timm`; format="torchvision" reads sizes from the shapes and takes the zoo
+      model's names as overrides, see `zoo.weights.torchvision`); they must match the shapes.
 
   Raises:
     ValueError naming unknown, missing and mis-shaped parameters.
