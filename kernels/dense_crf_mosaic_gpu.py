@@ -2,8 +2,9 @@
 attention of `kernels/dense_crf.py`'s TPU kernel on the tensor cores (wgmma).
 
 One program per (image, query tile of 64 Z-ordered pixels, see kernels/dense_crf.py) walks the key tiles (64
-pixels each) whose feature bounding box comes within sqrt(SKIP_DISTANCE2) of its own. Per key
-tile, two products on the tensor cores:
+pixels each) whose feature bounding box comes within sqrt(SKIP_DISTANCE2) of its own, double
+buffered (the next such tile's TMA copies run while this one computes). Per key tile, two
+products on the tensor cores:
 
   1. d^2 = q_aug @ k_aug (64 x 64): q_aug = [a, |a|^2, 1 ... 1] (XLA, once per query tile),
      k_aug = [-2 b; 1; b_1^2; ...; b_D^2] built in registers from the TMA'd key features, with
@@ -65,8 +66,10 @@ def bilateral(features, q, boxes, skip_distance2: float, interpret: bool):
   box_table = boxes.reshape(-1).astype(jnp.float32)
 
   def kernel(box_table, qa0, qa1, qa2, keys, v0, v1, v2, out, *scratch):
-    qa_tiles, ka_tiles, s_tiles, v_tiles = scratch[0:3], scratch[3:6], scratch[6:9], scratch[9:12]
-    key_smem, out_smem, bar_q, bar_k, bar_v = scratch[12:]
+    qa_tiles, ka_tiles, s_tiles = scratch[0:3], scratch[3:6], scratch[6:9]
+    v_slots = (scratch[9:12], scratch[12:15])          # two slots of the key tile's Q parts
+    key_slots = scratch[15:17]                         # two slots of its raw features
+    out_smem, bar_q, bar_k, bar_v = scratch[17:]
     image, t = lax.axis_index("image"), lax.axis_index("tile")
 
     def box(tile, side, k):
@@ -79,46 +82,77 @@ def bilateral(features, q, boxes, skip_distance2: float, interpret: bool):
       plgpu.copy_gmem_to_smem(source.at[image, pl.ds(t * TILE, TILE), :], tile, bar_q)
     plgpu.barrier_wait(bar_q)
 
+    def within_reach(s):
+      distance2 = 0.0
+      for k in range(d):
+        gap = jnp.maximum(jnp.maximum(box(s, 0, k) - q_hi[k], q_lo[k] - box(s, 1, k)), 0.0)
+        distance2 = distance2 + gap * gap
+      return distance2 <= skip_distance2
+
+    def next_key_tile(s):
+      """The first key tile after s within reach, or `tiles` when there is none."""
+      def skip(s):
+        return (s < tiles) & ~within_reach(jnp.minimum(s, tiles - 1))
+      return lax.while_loop(skip, lambda s: s + 1, s + 1)
+
+    def issue(s, slot):
+      plgpu.copy_gmem_to_smem(keys.at[image, :, pl.ds(s * TILE, TILE)], key_slots[slot],
+                              bar_k.at[slot])
+      for source, tile in zip((v0, v1, v2), v_slots[slot]):
+        plgpu.copy_gmem_to_smem(source.at[image, pl.ds(s * TILE, TILE), :], tile, bar_v.at[slot])
+
     row = _iota((_WIDTH, TILE), 0, interpret)
     centre_rows = sum(jnp.where((row == k) | (row == d + 1 + k), centre[k], 0.0) for k in range(d))
     query_index = t * TILE + _iota((TILE, TILE), 0, interpret)
     key_offset = _iota((TILE, TILE), 1, interpret)
 
     def accumulate(out_acc):
-      @pl.loop(0, tiles)
-      def _(s):
-        distance2 = 0.0
-        for k in range(d):
-          gap = jnp.maximum(jnp.maximum(box(s, 0, k) - q_hi[k], q_lo[k] - box(s, 1, k)), 0.0)
-          distance2 = distance2 + gap * gap
+      def compute(s, slot):
+        key_smem = key_slots[slot]
+        plgpu.barrier_wait(bar_k.at[slot])
+        raw = key_smem[...] if interpret else plgpu.load(key_smem, (), layout=plgpu.Layout.WGMMA)
+        g = raw - centre_rows                                          # (64, TILE)
+        k_aug = jnp.where(row < d, -2.0 * g,
+                          jnp.where(row == d, 1.0, jnp.where(row <= 2 * d, g * g, 0.0)))
+        for tile, part in zip(ka_tiles, _parts(k_aug, 3)):
+          tile[...] = part
+        plgpu.commit_smem()
 
-        @pl.when(distance2 <= skip_distance2)
-        def _():
-          plgpu.copy_gmem_to_smem(keys.at[image, :, pl.ds(s * TILE, TILE)], key_smem, bar_k)
-          for source, tile in zip((v0, v1, v2), v_tiles):
-            plgpu.copy_gmem_to_smem(source.at[image, pl.ds(s * TILE, TILE), :], tile, bar_v)
-          plgpu.barrier_wait(bar_k)
-          raw = key_smem[...] if interpret else plgpu.load(key_smem, (), layout=plgpu.Layout.WGMMA)
-          g = raw - centre_rows                                        # (64, TILE)
-          k_aug = jnp.where(row < d, -2.0 * g,
-                            jnp.where(row == d, 1.0, jnp.where(row <= 2 * d, g * g, 0.0)))
-          for tile, part in zip(ka_tiles, _parts(k_aug, 3)):
-            tile[...] = part
-          plgpu.commit_smem()
+        def distances(d2_acc):
+          _mma(d2_acc, qa_tiles, ka_tiles)
+          return d2_acc[...]
 
-          def distances(d2_acc):
-            _mma(d2_acc, qa_tiles, ka_tiles)
-            return d2_acc[...]
+        d2 = pl.run_scoped(distances, plgpu.ACC((TILE, TILE), jnp.float32))
+        weights = jnp.exp(-0.5 * jnp.maximum(d2, 0.0))
+        weights = jnp.where(query_index == s * TILE + key_offset, 0.0, weights)   # j != i
+        for tile, part in zip(s_tiles, _parts(weights, 3)):
+          tile[...] = part
+        plgpu.commit_smem()
+        plgpu.barrier_wait(bar_v.at[slot])
+        _mma(out_acc, s_tiles, v_slots[slot])
 
-          d2 = pl.run_scoped(distances, plgpu.ACC((TILE, TILE), jnp.float32))
-          weights = jnp.exp(-0.5 * jnp.maximum(d2, 0.0))
-          weights = jnp.where(query_index == s * TILE + key_offset, 0.0, weights)   # j != i
-          for tile, part in zip(s_tiles, _parts(weights, 3)):
-            tile[...] = part
-          plgpu.commit_smem()
-          plgpu.barrier_wait(bar_v)
-          _mma(out_acc, s_tiles, v_tiles)
+      # Double-buffered walk over the key tiles within reach: the next tile's copies run into
+      # the other slot while this one computes (static slots: two copies of the code).
+      first = next_key_tile(-1)
 
+      @pl.when(first < tiles)
+      def _():
+        issue(first, 0)
+
+      def step(carry):
+        s, slot = carry
+        following = next_key_tile(s)
+        for this in (0, 1):
+          @pl.when((slot == this) & (following < tiles))
+          def _():
+            issue(following, 1 - this)
+
+          @pl.when(slot == this)
+          def _():
+            compute(s, this)
+        return following, 1 - slot
+
+      lax.while_loop(lambda carry: carry[0] < tiles, step, (first, jnp.int32(0)))
       out_smem[...] = out_acc[...]
 
     pl.run_scoped(accumulate, plgpu.ACC((TILE, lp), jnp.float32))
@@ -137,10 +171,12 @@ def bilateral(features, q, boxes, skip_distance2: float, interpret: bool):
           [swizzled((TILE, _WIDTH)) for _ in range(3)]       # q_aug parts (M x K)
           + [swizzled((_WIDTH, TILE)) for _ in range(3)]     # k_aug parts (K x N)
           + [swizzled((TILE, TILE)) for _ in range(3)]       # kernel values (M x K)
-          + [swizzled((TILE, lp)) for _ in range(3)]         # Q of the key tile (K x N)
-          + [plgpu.SMEM((_WIDTH, TILE), jnp.float32, transforms=_smem_transforms(jnp.float32)),
-             plgpu.SMEM((TILE, lp), jnp.float32),
-             plgpu.Barrier(num_arrivals=3), plgpu.Barrier(), plgpu.Barrier(num_arrivals=3)]),
+          + [swizzled((TILE, lp)) for _ in range(6)]         # Q of the key tile (K x N), 2 slots
+          + [plgpu.SMEM((_WIDTH, TILE), jnp.float32, transforms=_smem_transforms(jnp.float32))
+             for _ in range(2)]                              # raw key features, 2 slots
+          + [plgpu.SMEM((TILE, lp), jnp.float32),
+             plgpu.Barrier(num_arrivals=3), plgpu.Barrier(num_barriers=2),
+             plgpu.Barrier(num_arrivals=3, num_barriers=2)]),
       interpret=_InterpretParams() if interpret else None,
   )(box_table, *q_parts, keys, *v_parts)
   return out[:, :, :l]
