@@ -100,7 +100,7 @@ class FastRCNN(nn.Module):
   positive, valid, gt_index, target_deltas} (and "rpn" with an RPN), S =
   box_batch_size_per_image; inference outputs the detections {"boxes": (B, D, 4), "scores",
   "classes" (1..num_classes), "valid"}, D = detections_per_image. aux: {"proposals" (B, P, 4),
-  "proposals_valid" (B, P)}.
+  "proposals_valid" (B, P)}, in training also the sampled "rois" (B, S, 4).
   """
   num_classes: int
   widths: Sequence[int] = VGG16_WIDTHS
@@ -160,7 +160,9 @@ class FastRCNN(nn.Module):
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"FastRCNN takes images (B, H, W, 3), got shape {images.shape}.")
     needed = ("boxes", "labels", "objects_valid") if train else ()
-    if not self.rpn and not (targets is not None and "proposals" in targets):
+    # `init` from images alone (the trainer's) pools one whole-image box: the shapes are the same.
+    initializing = self.is_initializing() and not train and targets is None
+    if not self.rpn and not initializing and not (targets is not None and "proposals" in targets):
       needed += ("boxes", "objects_valid", "id")
     missing = [k for k in dict.fromkeys(needed) if targets is None or k not in targets]
     if missing:
@@ -197,6 +199,7 @@ class FastRCNN(nn.Module):
     class_logits, box_deltas = self._box_head(features, rois, train)
     aux = {"proposals": proposals, "proposals_valid": proposals_valid}
     if train:
+      aux["rois"] = rois
       outputs["box"] = dict(class_logits=class_logits, valid=rois_valid, **sampled,
                             deltas=jnp.take_along_axis(
                                 box_deltas, sampled["classes"][:, :, None, None], axis=2)[:, :, 0])
@@ -209,6 +212,8 @@ class FastRCNN(nn.Module):
 
   def _external_proposals(self, targets, image_size):
     """(B, P, 4) proposals and (B, P) validity: the batch's, or generated (module doc)."""
+    if targets is None:   # init from images alone
+      return jnp.asarray([[[0.0, 0.0, image_size[1], image_size[0]]]]), jnp.ones((1, 1), bool)
     if "proposals" in targets:
       proposals = jnp.asarray(targets["proposals"], jnp.float32)
       if proposals.ndim != 3 or proposals.shape[-1] != 4:
