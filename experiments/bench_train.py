@@ -36,6 +36,8 @@ import time
 
 from absl import app, flags
 
+from experiments.benchmarking import cpu_peak_gflops, measured_matmul_gflops
+
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per step.")
 IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "Input height = width, pixels.")
 BASE_WIDTH = flags.DEFINE_integer("base_width", 16, "Channels of the first U-Net stage.")
@@ -52,41 +54,6 @@ PEAK_GFLOPS = flags.DEFINE_float("peak_gflops", None, "Device peak GFLOP/s (defa
 TORCH = flags.DEFINE_bool("torch", True, "Also time PyTorch when it is importable.")
 PLAIN = flags.DEFINE_bool("plain", True, "Also time the straightforward Flax formulation.")
 PROFILE = flags.DEFINE_bool("profile", False, "Print the zoo step's time per kind of XLA op.")
-
-
-def cpu_peak_gflops() -> tuple[float, str]:
-  """Nominal fp32 peak of this machine's CPU cores and how it was estimated."""
-  cores = len(os.sched_getaffinity(0))
-  info = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-  mhz = re.search(r"cpu MHz\s*:\s*([\d.]+)", info)
-  flags_line = re.search(r"^flags\s*:(.*)$", info, re.M)
-  cpu_flags = set(flags_line.group(1).split()) if flags_line else set()
-  family = re.search(r"cpu family\s*:\s*(\d+)", info)
-  vendor_amd = "AuthenticAMD" in info
-  ghz = float(mhz.group(1)) / 1000 if mhz else 2.0
-  if "avx512f" in cpu_flags and not (vendor_amd and family and int(family.group(1)) <= 0x19):
-    lanes, isa = 16, "AVX-512"
-  elif "avx512f" in cpu_flags:
-    lanes, isa = 8, "AVX-512 on a 256-bit datapath (AMD family 0x19)"
-  elif "avx2" in cpu_flags or "avx" in cpu_flags:
-    lanes, isa = 8, "AVX2"
-  else:
-    lanes, isa = 4, "SSE"
-  peak = cores * ghz * lanes * 2 * 2
-  return peak, f"{cores} cores x {ghz:.2f} GHz x {lanes} fp32 lanes ({isa}) x 2 FMA pipes x 2"
-
-
-def measured_matmul_gflops(jax, jnp) -> float:
-  n = 2048
-  a = jnp.ones((n, n), jnp.float32)
-  matmul = jax.jit(lambda a: a @ a)
-  matmul(a).block_until_ready()
-  best = float("inf")
-  for _ in range(5):
-    start = time.perf_counter()
-    matmul(a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * n**3 / best / 1e9
 
 
 def build_jax(model, variables, images, labels, optax, jax):
