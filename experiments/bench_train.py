@@ -30,11 +30,10 @@ import math
 import os
 import re
 import statistics
-import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
 
 from experiments.benchmarking import cpu_peak_gflops, measured_matmul_gflops
 
