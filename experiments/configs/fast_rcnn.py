@@ -29,8 +29,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.seed = 0
 
   config.model = ml_collections.ConfigDict(dict(
-      name="fast_rcnn_vgg16", num_classes=10, widths=(16, 32, 64, 64, 64), norm="batch",
-      pooling="roi_pool", representation_size=256, dropout_rate=0.0,
+      name="fast_rcnn_vgg16", num_classes=10, widths=(8, 16, 32, 64, 64), norm="batch",
+      image_scale=2.0, pooling="roi_pool", representation_size=256, dropout_rate=0.0,
       num_proposals=128, proposal_copies=16, box_batch_size_per_image=64,
       detections_per_image=16, detection_candidates=256))
   config.task = ml_collections.ConfigDict(dict(name="detection", num_classes=10,
@@ -41,7 +41,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
   config.batch_size = 8
   config.eval_batch_size = 32
-  config.total_steps = 600
+  config.total_steps = 800
   config.optimizer = ml_collections.ConfigDict(dict(
       name="adam", learning_rate=1e-3, schedule="cosine", warmup_steps=50, weight_decay=0.0,
       grad_clip_norm=10.0))
@@ -49,7 +49,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.log_every = 50
   config.checkpoint_every = 200
   config.keep_checkpoints = 2
-  config.eval_every = 600
+  config.eval_every = 800
   config.eval_split = "validation"
   config.final_eval_splits = ("test",)
   config.mesh = ml_collections.ConfigDict(dict(num_devices=-1, model_axis_size=1))
@@ -63,9 +63,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.model.pooling = "roi_align"
   elif variant == "faster":
     config.model = ml_collections.ConfigDict(dict(
-        name="faster_rcnn_vgg16", num_classes=10, widths=(16, 32, 64, 64, 64), norm="batch",
-        representation_size=256, dropout_rate=0.0, anchor_sizes=(16, 32, 64), rpn_channels=64,
-        rpn_pre_nms_top_n_train=144, rpn_post_nms_top_n_train=64, rpn_pre_nms_top_n_test=144,
+        name="faster_rcnn_vgg16", num_classes=10, widths=(8, 16, 32, 64, 64), norm="batch",
+        image_scale=2.0, representation_size=256, dropout_rate=0.0, anchor_sizes=(16, 32, 64), rpn_channels=64,
+        rpn_pre_nms_top_n_train=576, rpn_post_nms_top_n_train=64, rpn_pre_nms_top_n_test=576,
         rpn_post_nms_top_n_test=64, rpn_batch_size_per_image=64, box_batch_size_per_image=64,
         detections_per_image=16, detection_candidates=256))
     config.task = ml_collections.ConfigDict(dict(name="detection", num_classes=10,

@@ -249,7 +249,7 @@ def test_inference_gives_padded_detections_and_uses_given_proposals():
 
 @pytest.mark.parametrize("name, overrides", [
     ("fast_rcnn_vgg16", ()), ("fast_rcnn_vgg16", (("pooling", "spp"), ("spp_levels", (1, 2)))),
-    ("fast_rcnn_vgg16", (("pooling", "roi_align"),)), ("faster_rcnn_vgg16", ())])
+    ("fast_rcnn_vgg16", (("pooling", "roi_align"),)), ("faster_rcnn_vgg16", (("image_scale", 2.0),))])
 def test_training_step_is_finite_with_an_image_without_objects(name, overrides):
   model, variables = model_and_variables(name, **dict(overrides), dropout_rate=0.5)
   task = Detection(3, rpn_batch_size_per_image=16, external_proposals=not model.rpn)
@@ -300,6 +300,8 @@ def test_clear_errors():
     model.apply(variables, jnp.zeros((2, 64, 64)), train=False)
   with pytest.raises(ValueError, match="pooling must be one of"):
     zoo.create("fast_rcnn_vgg16", pooling="max")
+  with pytest.raises(ValueError, match="image_scale must be > 0"):
+    zoo.create("faster_rcnn_vgg16", image_scale=0.0)
   with pytest.raises(ValueError, match="spp_levels must be positive ints"):
     zoo.create("fast_rcnn_vgg16", pooling="spp", spp_levels=(0, 2))
 
@@ -311,3 +313,15 @@ def test_registry_names_each_variants_hyperparameters():
   with pytest.raises(ValueError, match="has no hyper-parameter 'num_proposals'.*rpn_nms_threshold"):
     zoo.create("faster_rcnn_vgg16", num_proposals=8)
   assert zoo.create("faster_rcnn_vgg16").rpn and not zoo.create("fast_rcnn_vgg16").rpn
+
+
+
+@pytest.mark.parametrize("image_scale", [1.0, 2.0])
+def test_rpn_anchors_are_torchvisions_for_the_resized_image_in_input_pixels(image_scale):
+  anchors = np.asarray(fast_rcnn.rpn_anchors((3, 5), (16, 32, 64), (0.5, 1.0, 2.0), image_scale))
+  cell = box_reference.cell_anchors_torchvision([s * image_scale for s in (16, 32, 64)],
+                                                (0.5, 1.0, 2.0))
+  expected = box_reference.grid_anchors(cell, (3, 5), (16, 16)) / image_scale
+  np.testing.assert_allclose(anchors, expected, atol=1e-5)
+  # Stride 16 / s input pixels: cell (0, 1)'s anchors are cell (0, 0)'s moved by 16 / s.
+  np.testing.assert_allclose(anchors[9:18] - anchors[:9], np.tile([16 / image_scale, 0] * 2, (9, 1)))

@@ -37,7 +37,11 @@ format, so `zoo.detection.task` computes the losses. Inference decodes every cla
 drops scores <= 0.05 and runs per-class NMS (`zoo.detection.rcnn.postprocess_detections`).
 
 Images are (B, H, W, 3) float in [0, 1], normalised with ImageNet's mean and std as torchvision
-does; any size (the feature map is ceil(H / 16) x ceil(W / 16), Caffe's pooling rounding).
+does; any size. Fast R-CNN resizes each image so its shorter side is 600 pixels before the
+network (its "scales"); `image_scale` s does that inside the model: the backbone sees the image
+bilinearly resized by s, the feature map is ceil(s H / 16) x ceil(s W / 16) (Caffe's pooling
+rounding), and boxes stay in input pixels (pooled at spatial scale s / 16, anchors at stride
+16 / s), so proposals, targets and detections are all in the input's pixels.
 Parameter names are VGG-16's Caffe layer names (conv1_1 ... conv5_3, fc6, fc7) plus cls_score,
 bbox_pred and rpn_head; fc6's input is the pooled (h, w, c) block flattened row-major (channels
 last), so a converted Caffe / torchvision fc6 needs its (c, h, w) rows permuted.
@@ -61,6 +65,18 @@ from zoo.registry import register_model
 
 STRIDE = 16   # conv5_3's stride in input pixels
 POOLINGS = ("roi_pool", "roi_align", "spp")
+
+
+def rpn_anchors(grid_size, sizes, aspect_ratios, image_scale: float = 1.0):
+  """The RPN's anchors on conv5_3 in input pixels: (h * w * A, 4), A = len(sizes) * len(ratios).
+
+  torchvision's anchors for the resized image (sizes x image_scale, stride 16), divided by
+  image_scale: stride 16 / s input pixels, sizes as given.
+  """
+  s = image_scale
+  generator = box_ops.AnchorGenerator(sizes=(tuple(a * s for a in sizes),),
+                                      aspect_ratios=(tuple(aspect_ratios),), strides=(STRIDE,))
+  return generator([tuple(grid_size)])[0] / s
 
 
 class VGG16Conv5(nn.Module):
@@ -113,6 +129,7 @@ class FastRCNN(nn.Module):
   roi_aligned: bool = True
   representation_size: int = 4096
   dropout_rate: float = 0.5
+  image_scale: float = 1.0
   # external proposals (rpn=False): the embedded data's generator (zoo.detection.proposals)
   num_proposals: int = 2000
   proposal_copies: int = 16
@@ -152,6 +169,9 @@ class FastRCNN(nn.Module):
     if self.pooling == "spp" and (not levels or not all(isinstance(l, int) and l > 0 for l in levels)):
       raise ValueError(f"FastRCNN spp_levels must be positive ints, e.g. (1, 2, 3, 6) (SPPnet) "
                        f"or (1, 2, 4); got {self.spp_levels!r}.")
+    if not self.image_scale > 0:
+      raise ValueError(f"FastRCNN image_scale must be > 0 (1: the input as it is), got "
+                       f"{self.image_scale!r}.")
     if len(self.widths) != 5:
       raise ValueError(f"FastRCNN widths must be VGG-16's 5 stage widths, got {self.widths!r}.")
     super().__post_init__()
@@ -178,6 +198,9 @@ class FastRCNN(nn.Module):
     self._check(images, targets, train)
     b, height, width, _ = images.shape
     x = (images - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+    if self.image_scale != 1:
+      size = (round(height * self.image_scale), round(width * self.image_scale))
+      x = jax.image.resize(x, (b,) + size + (3,), "bilinear")
     features = VGG16Conv5(tuple(self.widths), self.norm, self.frozen_stages, dtype=self.dtype,
                           name="body")(x, train=train)
 
@@ -234,11 +257,9 @@ class FastRCNN(nn.Module):
 
   def _rpn(self, features, image_size, train, targets, outputs):
     """Single-level RPN on conv5_3: proposals (B, P, 4), valid (B, P); outputs["rpn"] in training."""
-    generator = box_ops.AnchorGenerator(sizes=(tuple(self.anchor_sizes),),
-                                        aspect_ratios=(tuple(self.aspect_ratios),),
-                                        strides=(STRIDE,))
-    anchors = generator([tuple(features.shape[1:3])])
-    num_anchors = generator.num_anchors_per_location()[0]
+    anchors = [rpn_anchors(tuple(features.shape[1:3]), self.anchor_sizes, self.aspect_ratios,
+                           self.image_scale)]
+    num_anchors = len(self.anchor_sizes) * len(self.aspect_ratios)
     logits, deltas = RPNHead(num_anchors, self.rpn_channels, dtype=self.dtype,
                              name="rpn_head")([features])
     pre, post = ((self.rpn_pre_nms_top_n_train, self.rpn_post_nms_top_n_train) if train else
@@ -260,14 +281,15 @@ class FastRCNN(nn.Module):
     b, k = rois.shape[:2]
     flat = rois.reshape(b * k, 4)
     index = jnp.repeat(jnp.arange(b, dtype=jnp.int32), k)
+    scale = self.image_scale / STRIDE   # feature cells per input pixel
     if self.pooling == "roi_pool":
-      pooled = kernels.roi_pool(features, flat, index, self.pool_size, spatial_scale=1 / STRIDE)
+      pooled = kernels.roi_pool(features, flat, index, self.pool_size, spatial_scale=scale)
     elif self.pooling == "roi_align":
-      pooled = kernels.roi_align(features, flat, index, self.pool_size, spatial_scale=1 / STRIDE,
+      pooled = kernels.roi_align(features, flat, index, self.pool_size, spatial_scale=scale,
                                  sampling_ratio=self.roi_sampling_ratio, aligned=self.roi_aligned)
     else:
       pooled = kernels.spatial_pyramid_pool(features, flat, index, tuple(self.spp_levels),
-                                            spatial_scale=1 / STRIDE)
+                                            spatial_scale=scale)
     return pooled.reshape(b, k, -1)
 
   def _box_head(self, features, rois, train):
