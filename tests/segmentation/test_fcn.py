@@ -248,7 +248,7 @@ def test_registry_parameter_counts_and_errors():
 def test_training_mode_uses_dropout_and_batch_norm():
   model = zoo.create("fcn8s_vgg16", num_classes=3, norm="batch", **TINY)
   images = jnp.asarray(np.random.default_rng().standard_normal((2, 16, 16, 3)), jnp.float32)
-  variables = model.init(jax.random.key(0), images, train=False)
-  (logits, _), updates = model.apply(variables, images, train=True, mutable=["batch_stats"],
-                                     rngs={"dropout": jax.random.key(1)})
+  variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images)
+  (logits, _), updates = jax.jit(lambda v, x: model.apply(
+      v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)}))(variables, images)
   assert logits.shape == (2, 16, 16, 3) and "batch_stats" in updates
