@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.roi_align import _round_up
-from kernels.roi_align_mosaic_gpu import _InterpretParams, _iota, _mma, _parts, _smem_transforms
+from kernels._mosaic_gpu import _InterpretParams, _iota, _mma, _parts, _smem_transforms
 
 TILE = 64          # pixels per query and key tile (wgmma's M granularity)
 _WIDTH = 64        # augmented feature width: 2 D + 1 <= 64 (one 128-byte bfloat16 swizzle row)

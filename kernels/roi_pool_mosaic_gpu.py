@@ -15,7 +15,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.roi_align import _boxes_by_image, _round_up
-from kernels.roi_align_mosaic_gpu import _InterpretParams
+from kernels._mosaic_gpu import _InterpretParams
 
 _LOWEST = float(jnp.finfo(jnp.float32).min)
 _MAX_BINS = 256  # a TMA box has at most 256 rows

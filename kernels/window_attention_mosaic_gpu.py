@@ -16,14 +16,13 @@ over the image's windows in that fixed order (no atomics: deterministic) and wri
 
 wgmma multiplies 16-bit inputs (float32 would run as TF32, ~1e-3 off), so float32 operands are
 split into three bfloat16 parts (x = hi + mid + lo) and the six leading products accumulate in
-float32 (`_parts`, `_mma`, shared with the RoIAlign kernel).
+float32 (`_parts`, `_mma` in kernels/_mosaic_gpu.py).
 
 Limits (`check_supported`): head_dim a multiple of 16 (wgmma's K), M * group <= 64 slots (one
 wgmma row block: windows up to 8 x 8), and with a shift, M - shift a multiple of the TMA slot
 alignment (128 bytes / (head_dim * itemsize), 1 for float32 head_dim 32).
 """
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -33,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels.roi_align_mosaic_gpu import _InterpretParams, _iota, _mma, _parts, _zeros
+from kernels._mosaic_gpu import _InterpretParams, _iota, _mma, _parts, _zeros
 
 _SLOTS = 64          # one wgmma row block
 _TMA_ALIGN_BYTES = 128
