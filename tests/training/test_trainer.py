@@ -12,12 +12,14 @@ import subprocess
 import sys
 import time
 
+import flax
 import jax
 import numpy as np
 import pytest
 
 from experiments.configs import unet as unet_config
 from zoo import training
+from zoo.training import trainer as trainer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATASET = "digit_canvases/tiny"
@@ -69,6 +71,31 @@ def uninterrupted(data_dir, tmp_path_factory):
   config = make_config(overrides(data_dir))
   results = training.train_and_evaluate(config, workdir)
   return workdir, config, results
+
+
+def test_init_from_copies_matching_parameters(uninterrupted, data_dir):
+  """Fine-tuning: a run with `init_from` starts from another run's parameters where names and
+  shapes agree; a changed layer (here the classifier, 5 classes instead of 11) keeps its init."""
+  workdir, config, _ = uninterrupted
+  source = final_params(workdir, config)
+  changed = make_config(overrides(data_dir, **{"model.num_classes": 5, "task.num_classes": 5}))
+  experiment = training.Experiment(changed)
+  fresh = experiment.init_state()
+  state = trainer_lib.initialized_from(fresh, workdir)
+  assert int(state.step) == 0
+  flat_source = flax.traverse_util.flatten_dict(source)
+  flat_fresh = flax.traverse_util.flatten_dict(jax.device_get(fresh.params))
+  same = different = 0
+  for path, value in flax.traverse_util.flatten_dict(jax.device_get(state.params)).items():
+    if flat_source[path].shape == value.shape:
+      np.testing.assert_array_equal(value, flat_source[path])
+      same += 1
+    else:
+      np.testing.assert_array_equal(value, flat_fresh[path])
+      different += 1
+  assert same > 10 and different >= 1
+  with pytest.raises(ValueError, match="not a workdir with checkpoints"):
+    trainer_lib.initialized_from(fresh, data_dir)
 
 
 def test_uninterrupted_run_writes_results_and_keeps_k_checkpoints(uninterrupted):

@@ -315,12 +315,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
+def initialized_from(state: TrainState, init_from: str) -> TrainState:
+  """`state` (step 0) with the parameters and model state of the newest checkpoint in workdir
+  `init_from` wherever names and shapes agree: fine-tuning. The rest (e.g. a CRF layer added
+  on top) keeps its initialisation; the optimizer state starts afresh. Logs what was copied."""
+  if not os.path.isdir(os.path.join(init_from, "checkpoints")):
+    raise ValueError(f"init_from={init_from!r} is not a workdir with checkpoints; pass the "
+                     "--workdir of a finished or interrupted run.")
+  source = Experiment(read_config(init_from)).restore(init_from)
+  source = flax.traverse_util.flatten_dict({"params": source.params, **source.model_state})
+  copied, kept = [], []
+
+  def take(path, value):
+    old = source.get(path)
+    if old is not None and old.shape == value.shape:
+      copied.append("/".join(path))
+      return jax.device_put(jnp.asarray(old, value.dtype), value.sharding)
+    kept.append("/".join(path))
+    return value
+
+  target = flax.traverse_util.flatten_dict({"params": state.params, **state.model_state})
+  merged = flax.traverse_util.unflatten_dict({k: take(k, v) for k, v in target.items()})
+  if not copied:
+    raise ValueError(f"init_from={init_from!r}: no parameter name and shape agrees with this "
+                     "model; is it a run of the same architecture?")
+  logging.info("Initialised %d arrays from %s; %d kept their initialisation: %s", len(copied),
+               init_from, len(kept), ", ".join(kept) or "none")
+  params = merged.pop("params")
+  return state.replace(params=params, model_state=merged)
+
+
 def _train(experiment: Experiment, checkpointer, workdir: str, sigterm: _SigtermFlag) -> TrainState:
   """The training loop, from the newest checkpoint (if any) to `config.total_steps`."""
   config = experiment.config
   train_iterator = experiment.train_iterator()
   latest = checkpointer.latest_step()
-  if latest is None:
+  if latest is None and config.get("init_from"):
+    state = initialized_from(experiment.init_state(), config.init_from)
+  elif latest is None:
     state = experiment.init_state()
     logging.info("Starting from scratch in %s.", workdir)
   else:
