@@ -6,7 +6,7 @@ r"""Times Faster R-CNN and Mask R-CNN (ResNet-50 + FPN) inference and training s
     python -m experiments.bench_detection --quick     # 2 x 320x320: a smoke test on a CPU
 
 The problem is the issue's: batch 2 at 800 x 1333 (padded to 800 x 1344, a multiple of 32),
-torchvision's default sizes (91 classes, 2000/1000 proposals, 512 RoIs per image in training,
+torchvision's default sizes (90 classes + background, 2000/1000 proposals, 512 RoIs per image in training,
 100 detections per image), random weights, random images, 20 random ground-truth boxes and
 masks per image. Rows:
   zoo          our jitted model: `inference` = one jitted apply (train=False) to the padded
@@ -159,7 +159,7 @@ def main(argv):
 
   for name in MODELS.value:
     model = zoo.create(name, dtype=jnp.dtype(DTYPE.value))
-    task = Detection(91, masks=model.masks)
+    task = Detection(model.num_classes, masks=model.masks)
     variables = jax.jit(lambda key: model.init({"params": key}, images[:1], train=False))(
         jax.random.key(0))
     optimizer = optax.sgd(1e-4)

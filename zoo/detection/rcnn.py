@@ -450,15 +450,21 @@ class RCNN(nn.Module):
                 valid=sampled["positive"][:, :n])
 
 
+# torchvision's COCO detectors have 91 outputs: background + category ids 1..90. Our
+# num_classes counts the foreground only.
+_COCO_NUM_CLASSES = 90
+
+
 def _register(name: str, masks: bool, doc: str):
-  """Registers RCNN under `name`: its hyper-parameters are RCNN's fields (num_classes 91)."""
+  """Registers RCNN under `name`: its hyper-parameters are RCNN's fields (num_classes 90)."""
   def create(**hyperparameters) -> RCNN:
-    return RCNN(masks=masks, **{"num_classes": 91, **hyperparameters})
+    return RCNN(masks=masks, **{"num_classes": _COCO_NUM_CLASSES, **hyperparameters})
 
   fields = [f for f in dataclasses.fields(RCNN) if f.name not in ("masks", "parent", "name")]
   create.__signature__ = inspect.Signature([
       inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
-                        default=91 if f.name == "num_classes" else f.default) for f in fields])
+                        default=_COCO_NUM_CLASSES if f.name == "num_classes" else f.default)
+      for f in fields])
   create.__name__, create.__doc__ = name, doc
   register_model(name)(create)
 
