@@ -47,7 +47,6 @@ The floor counts every pair; the Pallas kernels skip some, so they can beat it.
 import importlib
 import os
 import statistics
-import sys
 import time
 
 from absl import app, flags

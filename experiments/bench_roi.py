@@ -60,11 +60,11 @@ the zoo's training dependencies are not installed.
 """
 
 import os
-import statistics
 import sys
-import time
 
-from absl import app, flags
+from absl import flags
+
+from experiments.benchmarking import first_line, measured_bandwidth, time_ms
 
 OPS = ("roi_align", "roi_pool")
 IMPLEMENTATIONS = ("xla", "pallas_gpu", "pallas_tpu", "auto", "torchvision")
@@ -117,51 +117,6 @@ def make_boxes(np, num_boxes, batch_size, image_h, image_w, seed):
   boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1).astype(np.float32)
   box_indices = (np.arange(num_boxes) * batch_size // num_boxes).astype(np.int32)
   return boxes, box_indices
-
-
-def time_ms(run, sync, repeats, min_window_s):
-  """Median ms per call over `repeats` windows, and the last result. `run` is warmed up already."""
-  start = time.perf_counter()
-  result = sync(run())
-  once = time.perf_counter() - start
-  inner = max(1, min(1000, int(min_window_s / max(once, 1e-6))))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(inner):
-      result = run()
-    sync(result)  # one device, one stream: the last call finishing means all have
-    times.append((time.perf_counter() - start) / inner)
-  return statistics.median(times) * 1e3, result
-
-
-def measured_bandwidth(jax, jnp, nbytes, min_window_s):
-  """GB/s of a jitted in-place `x + 1` over `nbytes` of float32 ((read + write) / best time).
-
-  The array is donated, so every call reuses its buffer: a fresh output buffer each call would
-  time the operating system's first-touch page faults on a CPU, not the memory.
-  """
-  add = jax.jit(lambda x: x + 1, donate_argnums=0)
-  x = jax.block_until_ready(add(jnp.zeros((nbytes // 4,), jnp.float32)))
-  start = time.perf_counter()
-  x = jax.block_until_ready(add(x))
-  inner = max(1, min(1000, int(min_window_s / (time.perf_counter() - start))))
-  best = float("inf")
-  for _ in range(10):
-    start = time.perf_counter()
-    for _ in range(inner):
-      x = add(x)
-    jax.block_until_ready(x)
-    best = min(best, (time.perf_counter() - start) / inner)
-  return 2 * nbytes / best / 1e9
-
-
-def first_line(error) -> str:
-  """The error's first line, without the C++ source location torch puts in front."""
-  text = (str(error).strip().splitlines() or [""])[0]
-  if ".cpp:" in text or ".cu:" in text:
-    text = text.rsplit(", ", 1)[-1]
-  return f"{type(error).__name__}: {text}"[:200]
 
 
 class TorchPeer:

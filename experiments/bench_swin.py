@@ -56,6 +56,8 @@ import time
 
 from absl import flags
 
+from experiments.benchmarking import first_line, measured_bandwidth, time_ms
+
 PARTS = ("kernel", "train")
 MODELS = {"swin_t": "swin_tiny_patch4_window7_224", "vit_b16": "vit_base_patch16_224"}
 # Swin-T's attention at 224x224: stage -> (tokens per side, heads); channels = heads * 32.
@@ -107,44 +109,6 @@ def setting(flag):
   if QUICK.value and flag.name in _QUICK and not flags.FLAGS[flag.name].present:
     return _QUICK[flag.name]
   return flag.value
-
-
-def first_line(error) -> str:
-  text = (str(error).strip().splitlines() or [""])[0]
-  return f"{type(error).__name__}: {text}"[:200]
-
-
-def time_ms(run, sync, repeats, min_window_s):
-  """Median ms per call over `repeats` windows, and the last result. `run` is warmed up already."""
-  start = time.perf_counter()
-  result = sync(run())
-  once = time.perf_counter() - start
-  inner = max(1, min(1000, int(min_window_s / max(once, 1e-6))))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(inner):
-      result = run()
-    sync(result)  # one device, one stream: the last call finishing means all have
-    times.append((time.perf_counter() - start) / inner)
-  return statistics.median(times) * 1e3, result
-
-
-def measured_bandwidth(jax, jnp, nbytes, min_window_s):
-  """GB/s of a jitted, donated, in-place `x + 1` over `nbytes` float32 ((read + write) / best)."""
-  add = jax.jit(lambda x: x + 1, donate_argnums=0)
-  x = jax.block_until_ready(add(jnp.zeros((nbytes // 4,), jnp.float32)))
-  start = time.perf_counter()
-  x = jax.block_until_ready(add(x))
-  inner = max(1, min(1000, int(min_window_s / (time.perf_counter() - start))))
-  best = float("inf")
-  for _ in range(10):
-    start = time.perf_counter()
-    for _ in range(inner):
-      x = add(x)
-    jax.block_until_ready(x)
-    best = min(best, (time.perf_counter() - start) / inner)
-  return 2 * nbytes / best / 1e9
 
 
 def peak_tflops(jax, jnp, platform, dtype) -> tuple[float, str]:
