@@ -71,6 +71,9 @@ def load_data_source(name: str, split: str, *, data_dir: str | None = None):
   from zoo.data import segmentation_sources  # Real segmentation datasets in our layout.
   if dataset in segmentation_sources.DATASETS:
     return segmentation_sources.SegmentationSource(source, dataset)
+  from zoo.data import detection_sources  # Real detection datasets in our layout.
+  if dataset in detection_sources.DATASETS:
+    return detection_sources.DetectionSource(source, dataset)
   return source
 
 
