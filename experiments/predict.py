@@ -61,7 +61,7 @@ def main(argv):
                                   global_batch_size=config.eval_batch_size,
                                   features=experiment.task.features)
   for batch in batches:
-    predictions = jax.device_get(experiment.predict(state, batch["image"]))
+    predictions = jax.device_get(experiment.predict(state, batch["image"], batch))
     for i in np.flatnonzero(batch["example_valid"]):
       if written == NUM_IMAGES.value:
         break

@@ -111,8 +111,11 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module, task: Task):
   return task.eval_sums(outputs, batch)
 
 
-def predict_step(state: TrainState, images, *, model: nn.Module, task: Task):
-  outputs, _ = model.apply({"params": state.params, **state.model_state}, images, train=False)
+def predict_step(state: TrainState, images, targets: dict, *, model: nn.Module, task: Task):
+  """The task's predictions; `targets` holds the batch keys of `task.model_eval_targets`."""
+  kwargs = {"targets": targets} if targets else {}
+  outputs, _ = model.apply({"params": state.params, **state.model_state}, images, train=False,
+                           **kwargs)
   return task.predict(outputs)
 
 
@@ -196,8 +199,13 @@ class Experiment:
       sums = jax.tree.map(lambda *xs: np.concatenate(xs), *gathered)
     return self.task.summarize(jax.device_get(sums))
 
-  def predict(self, state: TrainState, images):
-    return self._predict_step(state, images)
+  def predict(self, state: TrainState, images, batch: dict | None = None):
+    """Predictions for `images`; `batch` supplies the keys the task hands the model in
+    evaluation (`task.model_eval_targets`, e.g. Fast R-CNN's proposals), if it has any."""
+    keys = getattr(self.task, "model_eval_targets", ())
+    if keys and batch is None:
+      raise ValueError(f"This task's model needs {keys} from the batch to predict; pass batch=.")
+    return self._predict_step(state, images, {k: batch[k] for k in keys})
 
   def checkpointer(self, workdir: str, read_only: bool = False) -> checkpoint_lib.Checkpointer:
     return checkpoint_lib.Checkpointer(
