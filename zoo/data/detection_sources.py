@@ -17,6 +17,8 @@ py-faster-rcnn's `use_diff=False`). Which TFDS datasets carry what (TFDS 4.9):
 
 import numpy as np
 
+from zoo.data.segmentation_sources import as_rgb
+
 DEFAULT_SIZE = 800
 
 # dataset name (without config) -> the per-object flag of objects to drop, and the class count
@@ -64,12 +66,7 @@ class DetectionSource:
 
   def __getitem__(self, index: int) -> dict:
     example = self.source[index]
-    image = np.asarray(example["image"])
-    if image.ndim == 2:
-      image = image[..., None]
-    if image.shape[-1] == 1:
-      image = np.repeat(image, 3, axis=-1)
-    canvas, fy, fx = resize_longer_and_pad(image[..., :3], self.size)
+    canvas, fy, fx = resize_longer_and_pad(as_rgb(example["image"]), self.size)
     objects = example["objects"]
     boxes = np.asarray(objects["bbox"], np.float32).reshape(-1, 4)
     labels = np.asarray(objects["label"], np.int64).reshape(-1)

@@ -44,6 +44,16 @@ DATASETS = {
 NUM_CLASSES = {"oxford_iiit_pet": 2, "cityscapes": 19}
 
 
+def as_rgb(image) -> np.ndarray:
+  """(h, w, 3) from an (h, w), (h, w, 1) or (h, w, >= 3) image (grey repeated, alpha dropped)."""
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  return image[..., :3]
+
+
 def _resize_shorter_and_crop(array: np.ndarray, size: int, nearest: bool) -> np.ndarray:
   """(h, w, C) -> (size, size, C): shorter side to `size` (half-pixel centres, clamped), then
   the centre crop. Bilinear, or nearest (for masks)."""
@@ -93,13 +103,9 @@ class SegmentationSource:
 
   def __getitem__(self, index: int) -> dict:
     example = self.source[index]
-    image = np.asarray(example["image"])
-    if image.ndim == 2:
-      image = image[..., None]
-    if image.shape[-1] == 1:
-      image = np.repeat(image, 3, axis=-1)
+    image = as_rgb(example["image"])
     mask = np.asarray(example[self.mask_feature])
     mask = mask.reshape(mask.shape[:2] + (-1,))[..., :1]
-    return {"image": _resize_shorter_and_crop(image[..., :3], self.size, nearest=False),
+    return {"image": _resize_shorter_and_crop(image, self.size, nearest=False),
             "segmentation": self.lookup[_resize_shorter_and_crop(mask, self.size, nearest=True)[..., 0]],
             "id": np.int64(index)}
