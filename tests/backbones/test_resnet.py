@@ -134,7 +134,12 @@ def test_forward_and_gradients_match_numpy(output_stride, train, norm):
   directions = ref.unit_directions(rng, leaves)
   expected = ref.directional_derivative(f, leaves, directions)
   got = sum(np.sum(np.float64(g) * d) for g, d in zip(jax.tree.leaves(grads), directions))
-  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+  # float32 gradients: the error scales with |grad| |direction| (training-mode BatchNorm over a
+  # few positions amplifies rounding), not with the directional derivative itself, which can be
+  # small by cancellation (seen: 9e-5 off on -0.15 with the gradient norm ~1).
+  scale = np.sqrt(sum(np.sum(np.float64(g) ** 2) for g in jax.tree.leaves(grads)) *
+                  sum(np.sum(d ** 2) for d in directions))
+  assert abs(got - expected) <= 1e-4 * scale + 1e-4 * abs(expected), (got, expected, scale)
 
 
 @pytest.mark.slow  # ~60 s on the shared 2-core CPU (compiles a ResNet's init and gradient).
