@@ -71,15 +71,24 @@ def create_train_state(model: nn.Module, optimizer: optax.GradientTransformation
                     opt_state=optimizer.init(params))
 
 
+def _model_targets(task: Task, batch: dict, attribute: str) -> dict:
+  """{"targets": the batch keys `task.<attribute>` names} for model.apply, or {} if none.
+
+  A task may hand the model some of the batch: a detector samples RoIs against the ground
+  truth in training (`model_targets`), Fast R-CNN gets its proposals in evaluation and
+  prediction too (`model_eval_targets`).
+  """
+  keys = getattr(task, attribute, ())
+  return {"targets": {k: batch[k] for k in keys}} if keys else {}
+
+
 def train_step(state: TrainState, batch: dict, rng, *, model: nn.Module, task: Task,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule):
   """One optimizer step on a (global) batch. Returns (new state, {metric: scalar})."""
   step_rng = jax.random.fold_in(rng, state.step)
   mutable = list(state.model_state)
 
-  # A task may hand the model some of the batch (a detector samples RoIs against ground truth).
-  model_targets = getattr(task, "model_targets", ())
-  kwargs = {"targets": {k: batch[k] for k in model_targets}} if model_targets else {}
+  kwargs = _model_targets(task, batch, "model_targets")
   rngs = {"dropout": step_rng, "sampling": jax.random.fold_in(step_rng, 1)}
 
   def loss_fn(params):
@@ -103,19 +112,15 @@ def train_step(state: TrainState, batch: dict, rng, *, model: nn.Module, task: T
 
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module, task: Task):
   """The task's additive evaluation totals for one batch."""
-  # A task may hand the model some of the batch in evaluation too (Fast R-CNN's proposals).
-  model_targets = getattr(task, "model_eval_targets", ())
-  kwargs = {"targets": {k: batch[k] for k in model_targets}} if model_targets else {}
   outputs, _ = model.apply({"params": state.params, **state.model_state}, batch["image"],
-                           train=False, **kwargs)
+                           train=False, **_model_targets(task, batch, "model_eval_targets"))
   return task.eval_sums(outputs, batch)
 
 
-def predict_step(state: TrainState, images, targets: dict, *, model: nn.Module, task: Task):
-  """The task's predictions; `targets` holds the batch keys of `task.model_eval_targets`."""
-  kwargs = {"targets": targets} if targets else {}
+def predict_step(state: TrainState, images, batch: dict, *, model: nn.Module, task: Task):
+  """The task's predictions; `batch` holds (at least) the keys of `task.model_eval_targets`."""
   outputs, _ = model.apply({"params": state.params, **state.model_state}, images, train=False,
-                           **kwargs)
+                           **_model_targets(task, batch, "model_eval_targets"))
   return task.predict(outputs)
 
 
@@ -205,7 +210,7 @@ class Experiment:
     keys = getattr(self.task, "model_eval_targets", ())
     if keys and batch is None:
       raise ValueError(f"This task's model needs {keys} from the batch to predict; pass batch=.")
-    return self._predict_step(state, images, {k: batch[k] for k in keys})
+    return self._predict_step(state, images, {k: batch[k] for k in keys})  # only what it uses
 
   def checkpointer(self, workdir: str, read_only: bool = False) -> checkpoint_lib.Checkpointer:
     return checkpoint_lib.Checkpointer(
