@@ -1,16 +1,34 @@
-"""Real detection datasets through TFDS (offline, `tfds.testing.mock_data`): VOC 2007 and 2012
-resized and padded to a fixed size, difficult objects dropped, batched by the ordinary pipeline
-with boxes in pixels; COCO's mapping (crowd regions dropped) and the resizing on hand-made
-examples. TFDS's `coco` builder imports TensorFlow to construct itself, which the zoo does not
-install, so COCO cannot be mocked here."""
+"""Real detection datasets through TFDS (offline, `tfds.testing.mock_data`): VOC 2007 and 2012,
+COCO 2017 and COCO 2017 panoptic resized and padded to a fixed size, difficult / crowd / stuff
+objects dropped, batched by the ordinary pipeline with boxes in pixels (and instance masks from
+the panoptic segments); the mappings, the resizing and the panoptic masks on hand-made examples.
+
+TFDS's `coco` builder names `tf.int64` in `_info` (its only TensorFlow use when constructed,
+TFDS 4.9), and the zoo does not install TensorFlow: the `coco_without_tensorflow` fixture puts
+a stand-in with just `int64` in the builder module so that COCO can be mocked."""
+
+import types
 
 import numpy as np
+import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
+from tensorflow_datasets.object_detection import coco as tfds_coco
 
 import zoo.data
 from zoo.data import pipeline
-from zoo.data.detection_sources import DetectionSource, resize_longer_and_pad
+from zoo.data.detection_sources import (COCO_CLASSES, DetectionSource, panoptic_segment_ids,
+                                        resize_longer_and_pad, resize_nearest_and_pad)
+
+# 133 panoptic class names in a shuffled order, the 80 things among 53 stuff names, so that the
+# mapping by name is not the identity.
+_STUFF = tuple(f"stuff-{i}" for i in range(53))
+PANOPTIC_NAMES = tuple(np.random.default_rng(0).permutation(COCO_CLASSES + _STUFF))
+
+
+@pytest.fixture
+def coco_without_tensorflow(monkeypatch):
+  monkeypatch.setattr(tfds_coco, "tf", types.SimpleNamespace(int64=np.int64))
 
 
 def test_longer_side_is_resized_and_boxes_follow():
@@ -36,6 +54,84 @@ def test_resize_is_identity_at_scale_one():
   out, fy, fx = resize_longer_and_pad(image, 32)
   np.testing.assert_array_equal(out[:, :20], image)
   assert (fy, fx) == (1.0, 20 / 32) and not out[:, 20:].any()
+
+
+@pytest.mark.parametrize("shape, size", [((37, 53), 64), ((53, 37), 64), ((100, 30), 32),
+                                         ((20, 20), 96)])
+def test_nearest_resize_matches_pil(shape, size):
+  values = np.random.default_rng().integers(0, 2**24, shape).astype(np.int64)
+  out = resize_nearest_and_pad(values, size)
+  _, fy, fx = resize_longer_and_pad(np.zeros(shape + (3,), np.uint8), size)
+  out_h, out_w = round(fy * size), round(fx * size)
+  expected = np.asarray(PIL.Image.fromarray(values.astype(np.int32), mode="I").resize(
+      (out_w, out_h), PIL.Image.NEAREST))
+  assert out.dtype == values.dtype and out.shape == (size, size)
+  np.testing.assert_array_equal(out[:out_h, :out_w], expected)
+  assert not out[out_h:].any() and not out[:, out_w:].any()
+
+
+def _panoptic_rgb(segments: np.ndarray) -> np.ndarray:
+  """(h, w) segment ids -> the COCO panoptic PNG's (h, w, 3) uint8 (id = R + 256 G + 256^2 B)."""
+  return np.stack([segments % 256, segments // 256 % 256, segments // 65536], -1).astype(np.uint8)
+
+
+def test_panoptic_thing_segments_become_objects_with_masks():
+  stuff, car, dog, crowd = 2 * 65536 + 5, 7, 300, 9    # 300 = (44, 1, 0) in RGB
+  segments = np.zeros((128, 64), np.int64)
+  segments[:, 30:] = stuff
+  segments[:40, :30] = car
+  segments[50:99, 11:64] = dog
+  segments[100:, :20] = crowd
+  rgb = _panoptic_rgb(segments)
+  np.testing.assert_array_equal(panoptic_segment_ids(rgb), segments)
+  boxes = np.array([[0, 30, 128, 64], [0, 0, 40, 30], [50, 11, 99, 64], [100, 0, 128, 20]],
+                   np.float32) / [128, 64, 128, 64]
+  example = {"image": np.full((128, 64, 3), 9, np.uint8), "panoptic_image": rgb,
+             "panoptic_objects": {
+                 "id": np.array([stuff, car, dog, crowd]),
+                 "label": np.array([PANOPTIC_NAMES.index(n) for n in
+                                    ("stuff-3", "car", "dog", "person")]),
+                 "bbox": boxes, "is_crowd": np.array([False, False, False, True])}}
+  out = DetectionSource([example], "coco", size=64, panoptic_names=PANOPTIC_NAMES)[0]
+  objects = out["objects"]
+  # Stuff and crowd dropped; labels are coco/2017's (car 2, dog 16).
+  np.testing.assert_array_equal(objects["label"], [2, 16])
+  assert (COCO_CLASSES[2], COCO_CLASSES[16]) == ("car", "dog")
+  # 128x64 -> 64x32: boxes' x halved on the 64-wide canvas, y unchanged.
+  np.testing.assert_allclose(objects["bbox"], boxes[1:3] * [1, 0.5, 1, 0.5])
+  # Halving by nearest neighbour with half-pixel centres reads input pixel 2i + 1.
+  assert objects["mask"].dtype == bool and objects["mask"].shape == (2, 64, 64)
+  for mask, segment in zip(objects["mask"], (car, dog)):
+    expected = np.zeros((64, 64), bool)
+    expected[:, :32] = (segments == segment)[1::2, 1::2]
+    np.testing.assert_array_equal(mask, expected)
+  assert objects["mask"][0].sum() == 20 * 15 and objects["mask"][1].sum() == 24 * 27
+  assert out["image"].shape == (64, 64, 3) and not out["image"][:, 32:].any()
+
+  with pytest.raises(ValueError, match="no panoptic class names"):
+    DetectionSource([example], "coco", size=64)[0]
+  with pytest.raises(ValueError, match="lack 1 of COCO's 80 thing classes \\(tv"):
+    DetectionSource([example], "coco", panoptic_names=[n for n in PANOPTIC_NAMES if n != "tv"])
+  bad = dict(example, panoptic_image=rgb[:, :63])
+  with pytest.raises(ValueError, match="panoptic_image is 128x63 but the image 128x64"):
+    DetectionSource([bad], "coco", size=64, panoptic_names=PANOPTIC_NAMES)[0]
+
+
+def test_proposals_follow_the_boxes_and_image_keys_pass_through():
+  example = {"image": np.zeros((48, 96, 3), np.uint8), "image/filename": "000000000139.jpg",
+             "image/id": np.int64(139),
+             "proposals": np.array([[0.1, 0.2, 0.5, 0.9], [0.0, 0.0, 1.0, 1.0]], np.float32),
+             "objects": {"bbox": np.array([[0.1, 0.2, 0.5, 0.9]], np.float32),
+                         "label": np.array([1]), "is_crowd": np.array([False])}}
+  out = DetectionSource([example], "coco", size=64)[0]
+  # 48x96 -> 32x64 on a 64x64 canvas: y halved, x unchanged; proposals exactly as the boxes.
+  np.testing.assert_allclose(out["proposals"], [[0.05, 0.2, 0.25, 0.9], [0.0, 0.0, 0.5, 1.0]])
+  np.testing.assert_array_equal(out["proposals"][:1], out["objects"]["bbox"])
+  assert out["proposals"].dtype == np.float32
+  assert out["image/filename"] == "000000000139.jpg" and out["image/id"] == 139
+  without = {k: v for k, v in example.items() if k not in ("proposals", "image/filename")}
+  out = DetectionSource([without], "coco", size=64)[0]
+  assert "proposals" not in out and "image/filename" not in out and out["image/id"] == 139
 
 
 class _OrderedBoxes:
@@ -71,8 +167,10 @@ class _PreparedBuilder:
     return self.source
 
 
-@pytest.mark.parametrize("name, flag", [("voc/2007", "is_difficult"), ("voc/2012", "is_difficult")])
-def test_mocked_tfds_detection_data_loads_and_batches(monkeypatch, name, flag):
+@pytest.mark.parametrize("name, flag", [("voc/2007", "is_difficult"), ("voc/2012", "is_difficult"),
+                                        ("coco/2017", "is_crowd")])
+def test_mocked_tfds_detection_data_loads_and_batches(monkeypatch, coco_without_tensorflow, name,
+                                                      flag):
   with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):
     raw_mock = tfds.builder(name).as_data_source(split="train")
     with pytest.raises(ValueError, match="has a box with x2 < x1 or y2 < y1"):
@@ -96,3 +194,77 @@ def test_mocked_tfds_detection_data_loads_and_batches(monkeypatch, name, flag):
     boxes = batch["boxes"][batch["objects_valid"]]
     assert ((boxes >= 0) & (boxes <= 800)).all()
     assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
+
+
+class _PaintedPanoptic:
+  """The mocked coco/2017_panoptic source made consistent: mock data draws the panoptic image,
+  the segment ids and each field's length at random. Here every segment gets id k + 1, its box
+  in order, and is painted into a panoptic image of the image's size (later segments over
+  earlier ones, so segments do not overlap)."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    example = dict(self.source[index])
+    objects = example["panoptic_objects"]
+    n = min(len(objects[key]) for key in ("id", "bbox", "label", "is_crowd"))
+    bbox = np.asarray(objects["bbox"], np.float32).reshape(-1, 4)[:n]
+    ys, xs = np.sort(bbox[:, 0::2], axis=1), np.sort(bbox[:, 1::2], axis=1)
+    bbox = np.stack([ys[:, 0], xs[:, 0], ys[:, 1], xs[:, 1]], axis=1)
+    height, width = example["image"].shape[:2]
+    segments = np.zeros((height, width), np.int64)
+    for k, (y0, x0, y1, x1) in enumerate(bbox):
+      segments[int(y0 * height):int(np.ceil(y1 * height)),
+               int(x0 * width):int(np.ceil(x1 * width))] = k + 1
+    example["panoptic_image"] = _panoptic_rgb(segments)
+    example["panoptic_objects"] = dict(objects, id=np.arange(1, n + 1), bbox=bbox,
+                                       label=np.asarray(objects["label"])[:n],
+                                       is_crowd=np.asarray(objects["is_crowd"])[:n])
+    return example
+
+
+def test_mocked_coco_panoptic_loads_with_instance_masks(monkeypatch, coco_without_tensorflow):
+  with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):
+    builder = tfds.builder("coco/2017_panoptic")
+    with pytest.raises(ValueError, match="lack 80 of COCO's 80 thing classes"):
+      DetectionSource(builder.as_data_source(split="train"), "coco")  # Mock labels are unnamed.
+    # TFDS names the labels when it prepares the data (from the annotation file's categories).
+    builder.info.features["panoptic_objects"]["label"].names = list(PANOPTIC_NAMES)
+    raw = builder.as_data_source(split="train")
+    mocked = _PaintedPanoptic(raw)
+    mocked.dataset_info = raw.dataset_info
+    monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: _PreparedBuilder(mocked))
+    source = zoo.data.load_data_source("coco/2017_panoptic", "train")
+    assert isinstance(source, DetectionSource) and len(source) == 3
+    thing = {i: COCO_CLASSES.index(n) for i, n in enumerate(PANOPTIC_NAMES) if n in COCO_CLASSES}
+    for i in range(3):
+      raw_objects, example = mocked[i]["panoptic_objects"], source[i]
+      kept = [k for k, (label, crowd) in enumerate(zip(raw_objects["label"],
+                                                       raw_objects["is_crowd"]))
+              if label in thing and not crowd]
+      objects = example["objects"]
+      np.testing.assert_array_equal(objects["label"],
+                                    [thing[raw_objects["label"][k]] for k in kept])
+      assert objects["mask"].shape == (len(kept), 800, 800) and objects["mask"].dtype == bool
+      assert example["image/filename"] == mocked[i]["image/filename"]
+      # Each mask lies in its box, give or take one original pixel (the painting rounds out).
+      pixel = 800 / max(mocked[i]["image"].shape[:2]) + 1
+      for mask, (y1, x1, y2, x2) in zip(objects["mask"], objects["bbox"] * 800):
+        ys, xs = np.nonzero(mask)
+        if len(ys):
+          assert y1 - pixel <= ys.min() <= ys.max() <= y2 + pixel
+          assert x1 - pixel <= xs.min() <= xs.max() <= x2 + pixel
+    most = max(len(source[i]["objects"]["label"]) for i in range(3))
+    batch = next(pipeline.train_batches(
+        source, global_batch_size=2, seed=0, max_objects=max(most, 1),
+        features=("image", "boxes", "labels", "instance_masks")))
+  assert batch["image"].shape == (2, 800, 800, 3)
+  assert batch["instance_masks"].shape == (2, max(most, 1), 800, 800)
+  # Panoptic segments do not overlap; padded object slots have empty masks.
+  masks, valid = batch["instance_masks"], batch["objects_valid"]
+  assert (masks.sum(1) <= 1).all() and not masks[~valid].any()
+  assert masks[valid].any(axis=(1, 2)).sum() > 0
