@@ -59,7 +59,7 @@ def main(argv):
   class_names = CLASS_NAMES if config.data.name == "digit_canvases" else None
   batches = pipeline.eval_batches(experiment.data_source(SPLIT.value),
                                   global_batch_size=config.eval_batch_size,
-                                  features=experiment.task.features)
+                                  **experiment.batch_layout())
   for batch in batches:
     predictions = jax.device_get(experiment.predict(state, batch["image"], batch))
     for i in np.flatnonzero(batch["example_valid"]):

@@ -22,6 +22,16 @@ below rates the RoI head (classification and refinement of given regions), not a
 `:faster` is the full detector. RoI heads sample 64 RoIs per image at 25% positives
 (torchvision's rules).
 
+`:file` reads the same proposals from files through the data pipeline instead (the path a
+dataset with Selective Search files takes): write them once with
+`python -m experiments.make_proposals` (runs/proposals/digit_canvases_{split}.npz), then train
+with `--config=experiments/configs/fast_rcnn.py:file`. `:voc` is Fast R-CNN as published on
+`voc/2007` (prepared with `tfds build voc/2007 --file_format=array_record`) with Selective Search
+proposals from py-faster-rcnn's files (`--config.data.proposals=.../voc_2007_{split}.mat`; TFDS
+splits are train/validation/test, so name or link the files accordingly): full VGG-16, 2000
+proposals, 64 RoIs per image, SGD 1e-3; start from ImageNet VGG-16 weights (zoo.load_checkpoint
+with format="torchvision", or --config.init_from). Not run here (no accelerator).
+
 Results, 800 steps of batch 8, Adam 1e-3 cosine, on a 2-core CPU shared with other jobs
 (2026-11-25), COCO box AP on the 512-image test split (COCO-style AP over IoU 0.5:0.95):
 
@@ -48,7 +58,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       num_proposals=128, proposal_copies=16, box_batch_size_per_image=64,
       detections_per_image=16, detection_candidates=256))
   config.task = ml_collections.ConfigDict(dict(name="detection", num_classes=10,
-                                               external_proposals=True))
+                                               proposals="generated"))
   config.data = ml_collections.ConfigDict(dict(
       name="digit_canvases", data_dir=ml_collections.FieldReference(None, field_type=str),
       train_split="train", augment=("photometric",), max_objects=4))
@@ -75,6 +85,26 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.model.spp_levels = (1, 2, 4)
   elif variant == "roi_align":
     config.model.pooling = "roi_align"
+  elif variant == "file":
+    config.task.proposals = "data"
+    config.data.proposals = "runs/proposals/digit_canvases_{split}.npz"
+    config.data.max_proposals = 128
+  elif variant == "voc":
+    config.model = ml_collections.ConfigDict(dict(
+        name="fast_rcnn_vgg16", num_classes=20, frozen_stages=2, pooling="roi_pool",
+        box_batch_size_per_image=64, detections_per_image=100))
+    config.task = ml_collections.ConfigDict(dict(name="detection", num_classes=20,
+                                                 proposals="data"))
+    config.data.update(name="voc/2007", augment=(), max_objects=64,
+                       proposals="voc_2007_{split}.mat", max_proposals=2000)
+    config.batch_size = 2
+    config.eval_batch_size = 2
+    config.total_steps = 40000
+    config.optimizer.update(name="momentum", learning_rate=1e-3, schedule="cosine",
+                            warmup_steps=0, weight_decay=5e-4)
+    config.eval_every = 10000
+    config.eval_split = "test"
+    config.final_eval_splits = ("test",)
   elif variant == "faster":
     config.model = ml_collections.ConfigDict(dict(
         name="faster_rcnn_vgg16", num_classes=10, widths=(8, 16, 32, 64, 64), norm="batch",
@@ -87,7 +117,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                                                  rpn_batch_size_per_image=64))
   else:
     raise ValueError(f"Unknown fast_rcnn config variant {variant!r}; choose '', 'spp', "
-                     "'roi_align', 'faster' or 'smoke'.")
+                     "'roi_align', 'file', 'voc', 'faster' or 'smoke'.")
   if variant == "smoke":
     config.batch_size = 2
     config.eval_batch_size = 8

@@ -254,7 +254,7 @@ def test_inference_gives_padded_detections_and_uses_given_proposals():
     pytest.param("fast_rcnn_vgg16", (("pooling", "roi_align"),), marks=pytest.mark.slow)])
 def test_training_step_is_finite_with_an_image_without_objects(name, overrides):
   model, variables = model_and_variables(name, **dict(overrides), dropout_rate=0.5)
-  task = Detection(3, rpn_batch_size_per_image=16, external_proposals=not model.rpn)
+  task = Detection(3, rpn_batch_size_per_image=16, proposals=None if model.rpn else "generated")
 
   def loss(params, batch_targets):
     (outputs, _) = model.apply({**variables, "params": params}, images(), train=True,

@@ -23,7 +23,8 @@ IGNORE_LABEL = 255
 EMBEDDED_DATASETS = ("digit_canvases",)
 
 
-def load_data_source(name: str, split: str, *, data_dir: str | None = None):
+def load_data_source(name: str, split: str, *, data_dir: str | None = None,
+                     proposals: str | None = None):
   """The random-access TFDS data source of `split` of dataset `name`.
 
   Args:
@@ -34,6 +35,9 @@ def load_data_source(name: str, split: str, *, data_dir: str | None = None):
       --file_format=array_record`): this function never downloads.
     split: a split name (`"train"`, `"validation"`, `"test"`) or a TFDS slice (`"train[:10%]"`).
     data_dir: the TFDS data dir; default `$TFDS_DATA_DIR` or `~/tensorflow_datasets`.
+    proposals: a file of precomputed region proposals to join to the examples
+      (`zoo.data.proposal_files`: .npz, detectron2 .pkl, Selective Search .mat); `{split}`
+      in it is replaced by the split's name. Each example then has `proposals`.
 
   Returns:
     A TFDS `ArrayRecordDataSource`: `len(source)` examples, `source[i]` a nested dict of
@@ -68,6 +72,10 @@ def load_data_source(name: str, split: str, *, data_dir: str | None = None):
     raise ValueError(f"Dataset {name!r} has no split {split!r}; available splits: "
                      f"{', '.join(sorted(splits))} (or TFDS slices of them, e.g. 'train[:100]').") from None
   source = builder.as_data_source(split=split)
+  if proposals:
+    from zoo.data import proposal_files
+    path = proposals.replace("{split}", split)
+    source = proposal_files.ProposalSource(source, proposal_files.load_proposals(path), path)
   from zoo.data import segmentation_sources  # Real segmentation datasets in our layout.
   if dataset in segmentation_sources.DATASETS:
     return segmentation_sources.SegmentationSource(source, dataset)

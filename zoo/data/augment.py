@@ -12,6 +12,7 @@ An example here is one unbatched element in the pipeline's conventions (any subs
   labels:          (M,) int32.
   instance_masks:  (M, H, W) bool.
   objects_valid:   (M,) bool.
+  proposals:       (P, 4) float32 (x1, y1, x2, y2) pixels; proposals_valid: (P,) bool.
   id:              () int32.
 A geometric augmentation moves every present key the same way.
 """
@@ -49,7 +50,8 @@ def random_translate(example: dict, rng: np.random.Generator, *, max_shift: int 
   `segmentation` the background class 0, `instance_masks` False. Boxes move with the
   pixels and are clipped to the canvas (so a box cut by the border may be looser than its
   mask). An object with nothing left on the canvas (an empty mask, or a box of zero area
-  when masks are not present) is marked invalid in `objects_valid`.
+  when masks are not present) is marked invalid in `objects_valid`; proposals move and are
+  clipped the same way, and one left with zero area is marked invalid in `proposals_valid`.
   """
   dy, dx = (int(v) for v in rng.integers(-max_shift, max_shift + 1, size=2))
   out = dict(example)
@@ -62,10 +64,17 @@ def random_translate(example: dict, rng: np.random.Generator, *, max_shift: int 
   if "instance_masks" in example:
     out["instance_masks"] = _translated(example["instance_masks"], dy, dx, False, axes=(1, 2))
   height, width = _canvas_shape(example)
+
+  def moved(boxes):
+    boxes = boxes + np.array([dx, dy, dx, dy], np.float32)
+    return np.clip(boxes, 0, np.array([width, height, width, height], np.float32)).astype(np.float32)
+
   if "boxes" in example:
-    boxes = example["boxes"] + np.array([dx, dy, dx, dy], np.float32)
-    boxes = np.clip(boxes, 0, np.array([width, height, width, height], np.float32))
-    out["boxes"] = boxes.astype(np.float32)
+    out["boxes"] = moved(example["boxes"])
+  if "proposals" in example:
+    out["proposals"] = moved(example["proposals"])
+    p = out["proposals"]
+    out["proposals_valid"] = example["proposals_valid"] & (p[:, 2] > p[:, 0]) & (p[:, 3] > p[:, 1])
   if "objects_valid" in example:
     if "instance_masks" in out:
       on_canvas = out["instance_masks"].any((1, 2))
@@ -124,7 +133,7 @@ def _canvas_shape(example: dict) -> tuple[int, int]:
   for key, axes in (("image", (0, 1)), ("segmentation", (0, 1)), ("instance_masks", (1, 2))):
     if key in example:
       return tuple(example[key].shape[a] for a in axes)
-  if "boxes" in example:
+  if "boxes" in example or "proposals" in example:
     raise ValueError("random_translate needs the canvas size to clip boxes: request `image`, "
                      "`segmentation` or `instance_masks` with `boxes`.")
   return (0, 0)

@@ -22,6 +22,11 @@ The source holds examples in the `digit_canvases` layout (`zoo/data/digit_canvas
   labels:          (B, M) int32 digit class 0..9; -1 where not valid.
   instance_masks:  (B, M, H, W) bool, each object's visible pixels; False where not valid.
   objects_valid:   (B, M) bool; added whenever boxes, labels or instance_masks are asked for.
+  proposals:       (B, P, 4) float32 (x1, y1, x2, y2) pixels: the example's precomputed region
+                   proposals (a source made with `load_data_source(..., proposals=FILE)`,
+                   zoo.data.proposal_files), the first P = max_proposals of them (files list
+                   them best first); 0 where not valid.
+  proposals_valid: (B, P) bool; added whenever proposals are asked for.
   id:              (B,) int32, the example's index in its split; -1 on eval padding.
   example_valid:   (B,) bool, eval batches only: False on the rows padding the last batch.
 
@@ -43,7 +48,8 @@ from tensorflow_datasets.core.data_sources import base as tfds_data_sources
 from zoo.data import IGNORE_LABEL
 from zoo.data import augment as augment_lib
 
-FEATURES = ("image", "segmentation", "boxes", "labels", "instance_masks", "objects_valid", "id")
+FEATURES = ("image", "segmentation", "boxes", "labels", "instance_masks", "objects_valid",
+            "proposals", "proposals_valid", "id")
 _OBJECT_FEATURES = ("boxes", "labels", "instance_masks", "objects_valid")
 # Threads that read, decode and augment examples ahead of the consumer; grain keeps their
 # output in order, so the stream and its state do not depend on them. Measured on the
@@ -57,7 +63,7 @@ _PREFETCH_EXAMPLES = 128
 
 def train_batches(source, *, global_batch_size: int, seed: int, features: Sequence[str],
                   augment: Sequence[str] = (), max_objects: int = 8,
-                  process_index: int | None = None,
+                  max_proposals: int = 2000, process_index: int | None = None,
                   process_count: int | None = None) -> grain.DatasetIterator:
   """Infinite, per-epoch reshuffled training batches of this host's shard of `source`.
 
@@ -74,6 +80,7 @@ def train_batches(source, *, global_batch_size: int, seed: int, features: Sequen
     features: the keys to decode and return (see `FEATURES`).
     augment: names from `zoo.data.augment.AUGMENTATIONS`, applied in order.
     max_objects: M, the number of object slots per example.
+    max_proposals: P, the number of proposal slots per example (`proposals` feature).
     process_index, process_count: this host and the number of hosts; default JAX's.
 
   Returns:
@@ -83,7 +90,7 @@ def train_batches(source, *, global_batch_size: int, seed: int, features: Sequen
     ValueError: for unknown features or augmentations, a batch size that the hosts cannot
       split evenly, a bad seed or host index.
   """
-  features = _checked_features(features, max_objects)
+  features = _checked_features(features, max_objects, max_proposals)
   augmentation = augment_lib.compose(augment)
   if not (isinstance(seed, (int, np.integer)) and 0 <= seed < 2**32):
     raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}.")
@@ -95,6 +102,7 @@ def train_batches(source, *, global_batch_size: int, seed: int, features: Sequen
                      f"source has only {len(source)}.")
   dataset = (shard.shuffle(seed=seed).repeat()
              .map(functools.partial(_example_arrays, features=features, max_objects=max_objects,
+                                    max_proposals=max_proposals,
                                     canvas_shape=_canvas_shape(source))))
   if augment:
     dataset = dataset.random_map(augmentation, seed=seed)
@@ -103,7 +111,7 @@ def train_batches(source, *, global_batch_size: int, seed: int, features: Sequen
 
 
 def eval_batches(source, *, global_batch_size: int, features: Sequence[str], max_objects: int = 8,
-                 process_index: int | None = None,
+                 max_proposals: int = 2000, process_index: int | None = None,
                  process_count: int | None = None) -> grain.IterDataset:
   """Exactly one pass over this host's shard of `source`, in order, in full-size batches.
 
@@ -119,7 +127,7 @@ def eval_batches(source, *, global_batch_size: int, features: Sequence[str], max
     A grain IterDataset: each `iter()` is a new pass; batches as in the module doc, plus
     `example_valid` (B,) bool.
   """
-  features = _checked_features(features, max_objects)
+  features = _checked_features(features, max_objects, max_proposals)
   process_index, process_count = _process(process_index, process_count)
   local_batch_size = _local_batch_size(global_batch_size, process_count)
   shard = grain.MapDataset.source(_decoding_only(source, features))[process_index::process_count]
@@ -127,8 +135,8 @@ def eval_batches(source, *, global_batch_size: int, features: Sequence[str], max
   num_batches = -(-largest_shard // local_batch_size)
   canvas_shape = _canvas_shape(source)
   convert = functools.partial(_example_arrays, features=features, max_objects=max_objects,
-                              canvas_shape=canvas_shape)
-  padding = _padding_example(features, max_objects, canvas_shape)
+                              max_proposals=max_proposals, canvas_shape=canvas_shape)
+  padding = _padding_example(features, max_objects, max_proposals, canvas_shape)
 
   def example(position: int) -> dict:
     if position < len(shard):
@@ -143,9 +151,11 @@ def _read_options() -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_EXAMPLES)
 
 
-def _checked_features(features: Sequence[str], max_objects: int) -> tuple[str, ...]:
-  if not (isinstance(max_objects, (int, np.integer)) and max_objects >= 1):
-    raise ValueError(f"max_objects must be a positive integer, got {max_objects!r}.")
+def _checked_features(features: Sequence[str], max_objects: int,
+                      max_proposals: int) -> tuple[str, ...]:
+  for name, value in (("max_objects", max_objects), ("max_proposals", max_proposals)):
+    if not (isinstance(value, (int, np.integer)) and value >= 1):
+      raise ValueError(f"{name} must be a positive integer, got {value!r}.")
   if isinstance(features, str):
     raise ValueError(f"features must be a sequence of names, not the string {features!r}.")
   unknown = [f for f in features if f not in FEATURES]
@@ -155,6 +165,8 @@ def _checked_features(features: Sequence[str], max_objects: int) -> tuple[str, .
   features = tuple(dict.fromkeys(features))
   if any(f in _OBJECT_FEATURES for f in features) and "objects_valid" not in features:
     features += ("objects_valid",)  # Padded object slots are meaningless without it.
+  if "proposals" in features and "proposals_valid" not in features:
+    features += ("proposals_valid",)
   return features
 
 
@@ -209,9 +221,20 @@ def _canvas_shape(source) -> tuple[int, int]:
 
 
 def _example_arrays(example: dict, *, features: tuple[str, ...], max_objects: int,
-                    canvas_shape: tuple[int, int]) -> dict:
+                    canvas_shape: tuple[int, int], max_proposals: int = 2000) -> dict:
   """One TFDS example as the pipeline's arrays (module doc), `features` only, unbatched."""
   out = {}
+  if "proposals_valid" in features:
+    if "proposals" not in example:
+      raise ValueError(f"Example {example.get('id', '?')} has no proposals; load the source with "
+                       f"a proposal file (--config.data.proposals=FILE, zoo.data.proposal_files).")
+    height, width = canvas_shape
+    found = np.asarray(example["proposals"], np.float32).reshape(-1, 4)[:max_proposals]
+    proposals = np.zeros((max_proposals, 4), np.float32)
+    proposals[:len(found)] = found[:, [1, 0, 3, 2]] * np.array([width, height, width, height],
+                                                               np.float32)
+    out["proposals"] = proposals
+    out["proposals_valid"] = np.arange(max_proposals) < len(found)
   if "image" in features:
     out["image"] = np.asarray(example["image"], np.float32) / 255.0
   if "segmentation" in features:
@@ -248,7 +271,8 @@ def _example_arrays(example: dict, *, features: tuple[str, ...], max_objects: in
   return out
 
 
-def _padding_example(features: tuple[str, ...], max_objects: int, canvas_shape) -> dict:
+def _padding_example(features: tuple[str, ...], max_objects: int, max_proposals: int,
+                     canvas_shape) -> dict:
   """An eval row that counts for nothing (module doc)."""
   height, width = canvas_shape
   shapes = {
@@ -258,6 +282,8 @@ def _padding_example(features: tuple[str, ...], max_objects: int, canvas_shape) 
       "labels": np.full((max_objects,), -1, np.int32),
       "instance_masks": np.zeros((max_objects, height, width), bool),
       "objects_valid": np.zeros((max_objects,), bool),
+      "proposals": np.zeros((max_proposals, 4), np.float32),
+      "proposals_valid": np.zeros((max_proposals,), bool),
       "id": np.int32(-1),
   }
   return {**{f: shapes[f] for f in features}, "example_valid": np.bool_(False)}

@@ -15,15 +15,17 @@ same thing). The pooling (`pooling`):
 
 Where the regions come from:
 
-- `fast_rcnn_vgg16`: external proposals. A dataset that ships them (Selective Search files for
-  VOC) passes `targets["proposals"]` (B, P, 4) pixels (and optionally "proposals_valid"
-  (B, P) bool). The embedded digit canvases have none, so without that key the model generates
+- `fast_rcnn_vgg16`: external proposals. A dataset with a proposal file (Selective Search's
+  .mat for VOC, detectron2's .pkl, this repo's .npz: zoo.data.proposal_files, joined to the
+  data with `--config.data.proposals=FILE`) passes `targets["proposals"]` (B, P, 4) pixels
+  and "proposals_valid" (B, P) bool, from the pipeline's `proposals` feature. The embedded digit canvases have none, so without that key the model generates
   them in the graph from the ground truth with `zoo.detection.proposals.jittered_proposals`
   (k jittered copies of each object + random boxes, keyed by the example's `id`, the same in
   every epoch and in evaluation, as a precomputed file would be). Those proposals come from the
   ground truth, in evaluation too: the AP measured with them rates the head (classification
   and box refinement of given regions), not a whole detector. The detection task passes the
-  targets in training and evaluation (`Detection(external_proposals=True)`).
+  targets in training and evaluation (`Detection(proposals="generated")`; with a proposal file
+  joined to the data, `Detection(proposals="data")` passes the batch's "proposals").
 - `faster_rcnn_vgg16`: a region proposal network on conv5_3: 3x3 conv (512) + ReLU, then
   objectness and deltas for 9 anchors per position (sizes 128, 256, 512 x ratios 0.5, 1, 2 at
   stride 16; `anchor_sizes` scales them down for small images), proposals selected as
@@ -189,7 +191,7 @@ class FastRCNN(nn.Module):
       source = ("" if self.rpn else
                 " Without an RPN it needs proposals: targets['proposals'] (B, P, 4) pixels, or "
                 "'boxes', 'objects_valid' and 'id' to generate the embedded data's "
-                "(zoo.detection.proposals); Detection(external_proposals=True) passes them.")
+                "(zoo.detection.proposals); Detection(proposals='data' or 'generated') passes them.")
       raise ValueError(f"FastRCNN ({'training' if train else 'inference'}) needs targets "
                        f"{tuple(dict.fromkeys(needed))}; missing {missing}.{source}")
 

@@ -12,9 +12,13 @@ Evaluation collects every image's detections (the trainer concatenates them over
 `eval_concatenates`) and computes COCO's box AP (and mask AP with masks) on them with
 `zoo.metrics`. Category ids are the dataset labels + 1 (0 is the model's background).
 
-`external_proposals=True` (Fast R-CNN, zoo.detection.fast_rcnn): the model also gets the
-batch's `id` and, in evaluation too, the ground truth (`model_eval_targets`), from which it
-generates the embedded data's proposals (zoo.detection.proposals).
+`proposals` says where a model without an RPN (Fast R-CNN, zoo.detection.fast_rcnn) gets its
+regions, in training and in evaluation (`model_eval_targets`):
+- "data": the batch's `proposals` and `proposals_valid` (a proposal file joined to the data
+  source: `--config.data.proposals=FILE`, zoo.data.proposal_files);
+- "generated": the batch's `id` and ground truth, from which the model generates the embedded
+  data's stand-in proposals (zoo.detection.proposals);
+- None: the model proposes its own (an RPN).
 """
 
 import jax
@@ -38,15 +42,20 @@ class Detection:
   eval_concatenates = True
 
   def __init__(self, num_classes: int, masks: bool = False, rpn_batch_size_per_image: int = 256,
-               external_proposals: bool = False):
+               proposals: str | None = None):
+    sources = {None: (), "generated": ("id",), "data": ("proposals", "proposals_valid")}
+    if proposals not in sources:
+      raise ValueError(f"Detection proposals must be None (an RPN), 'generated' or 'data'; got "
+                       f"{proposals!r}.")
     self.num_classes = num_classes
     self.masks = masks
     self.rpn_batch_size_per_image = rpn_batch_size_per_image
     self.features = ("image", "boxes", "labels", "objects_valid") + (
-        ("instance_masks",) if masks else ()) + (("id",) if external_proposals else ())
+        ("instance_masks",) if masks else ()) + sources[proposals]
     self.model_targets = self.features[1:]
     # Keys the model also gets in evaluation (the trainer's eval_step passes them as targets=).
-    self.model_eval_targets = self.model_targets if external_proposals else ()
+    self.model_eval_targets = (sources[proposals] if proposals == "data" else
+                               self.model_targets if proposals else ())
 
   def loss(self, outputs, batch):
     box = outputs["box"]

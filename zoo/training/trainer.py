@@ -152,14 +152,21 @@ class Experiment:
     self._predict_step = jax.jit(functools.partial(predict_step, model=self.model, task=self.task))
 
   def data_source(self, split: str):
-    return load_data_source(self.config.data.name, split, data_dir=self.config.data.get("data_dir"))
+    data = self.config.data
+    return load_data_source(data.name, split, data_dir=data.get("data_dir"),
+                            proposals=data.get("proposals"))
+
+  def batch_layout(self) -> dict:
+    """What a batch holds: the pipeline's `features`, `max_objects`, `max_proposals`."""
+    data = self.config.data
+    return dict(features=self.task.features, max_objects=data.get("max_objects", 8),
+                max_proposals=data.get("max_proposals", 2000))
 
   def train_iterator(self):
     data = self.config.data
     return pipeline.train_batches(
         self.data_source(data.train_split), global_batch_size=self.config.batch_size,
-        seed=self.config.seed, features=self.task.features, augment=tuple(data.augment),
-        max_objects=data.max_objects)
+        seed=self.config.seed, augment=tuple(data.augment), **self.batch_layout())
 
   def example_images(self):
     image = np.asarray(self.data_source(self.config.data.train_split)[0]["image"])
@@ -189,7 +196,7 @@ class Experiment:
     """The task's summary over one whole pass of `split`."""
     batches = pipeline.eval_batches(
         self.data_source(split), global_batch_size=self.config.eval_batch_size,
-        features=self.task.features, max_objects=self.config.data.max_objects)
+        **self.batch_layout())
     # Additive totals, or (tasks with `eval_concatenates`, e.g. detection AP) every example's
     # outputs, concatenated on the host.
     concatenate = getattr(self.task, "eval_concatenates", False)
