@@ -17,10 +17,11 @@ py-faster-rcnn's `use_diff=False`). Which TFDS datasets carry what (TFDS 4.9):
   decoded as R + 256 G + 256^2 B, resized nearest-neighbour to the image's place on the canvas.
   CAUTION: panoptic segments never overlap (every pixel belongs to at most one segment),
   whereas COCO's instance annotations (`instances_*2017.json`, which TFDS does not carry) may
-  overlap: the panoptic release derived its thing segments from the instance annotations and
-  resolved their overlaps, so a partly covered object's mask here lacks the covered part. These masks are therefore COCO panoptic's thing
+  overlap. The panoptic release derived its thing segments from the instance annotations with
+  the overlaps resolved, so an object's mask here may lack pixels its instance mask has, and
+  its box is the tight box of that segment. These masks are therefore COCO panoptic's thing
   segments, not COCO's instance masks: mask AP evaluated against them (and box AP against
-  their boxes) is NOT the official COCO instance-segmentation AP, only close to it.
+  their boxes) is comparable to, but NOT, the official COCO instance-segmentation AP.
 - `voc/2007`, `voc/2012`: boxes and 20 labels, difficult flags.
 
 Besides `objects`, an example keeps `image/filename` and `image/id` when the raw one has them,
