@@ -47,7 +47,7 @@ def main(argv):
   launcher.start()
   import jax
   from zoo import training, visualization
-  from zoo.data import CLASS_NAMES
+  from zoo.data import CLASS_NAMES, detection_sources
   from zoo.data import pipeline
   config = CONFIG.value or training.read_config(WORKDIR.value)
   experiment = training.Experiment(config)
@@ -56,7 +56,8 @@ def main(argv):
   os.makedirs(output_dir, exist_ok=True)
   written = 0
   # Detector class c is dataset label c - 1: the embedded data's names line up with it.
-  class_names = CLASS_NAMES if config.data.name == "digit_canvases" else None
+  class_names = (CLASS_NAMES if config.data.name.startswith("digit_canvases") else
+                 detection_sources.detector_class_names(config.data.name))
   batches = pipeline.eval_batches(experiment.data_source(SPLIT.value),
                                   global_batch_size=config.eval_batch_size,
                                   **experiment.batch_layout())

@@ -268,3 +268,12 @@ def test_mocked_coco_panoptic_loads_with_instance_masks(monkeypatch, coco_withou
   masks, valid = batch["instance_masks"], batch["objects_valid"]
   assert (masks.sum(1) <= 1).all() and not masks[~valid].any()
   assert masks[valid].any(axis=(1, 2)).sum() > 0
+
+
+def test_detector_class_names_follow_tfds_label_order():
+  from tensorflow_datasets.object_detection import voc
+  from zoo.data.detection_sources import detector_class_names
+  assert detector_class_names("voc/2007") == ("background",) + tuple(voc._VOC_LABELS)
+  assert detector_class_names("coco/2017_panoptic")[1] == "person"
+  assert len(detector_class_names("coco/2017")) == 81
+  assert detector_class_names("cityscapes") is None

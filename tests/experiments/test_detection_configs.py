@@ -14,7 +14,7 @@ from zoo.training.trainer import create_model
 
 DATASET = "digit_canvases/tiny"
 VARIANTS = {
-    mask_rcnn: ("", "faster", "smoke", "voc", "coco"),
+    mask_rcnn: ("", "faster", "smoke", "voc", "coco", "coco_boxes"),
     fast_rcnn: ("", "spp", "roi_align", "file", "voc", "faster", "smoke"),
     fcn: ("", "fcn32s", "fcn16s", "smoke", "voc", "pet"),
     deeplab: ("", "postprocess", "crf_trainable", "largefov", "v2", "smoke", "voc", "pet"),

@@ -56,6 +56,17 @@ COCO_CLASSES = (
     "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
     "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
     "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush")
+# PASCAL VOC's 20 classes in TFDS voc's label order.
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor")
+
+
+def detector_class_names(name: str) -> tuple[str, ...] | None:
+  """Names of a detector's classes 0 (background) .. C for dataset `name` ("coco/2017"), or None."""
+  names = {"coco": COCO_CLASSES, "voc": VOC_CLASSES}.get(name.partition("/")[0])
+  return None if names is None else ("background",) + names
 
 
 def _resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
