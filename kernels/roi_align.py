@@ -51,11 +51,15 @@ class BoxGeometry(NamedTuple):
 
 def box_geometry(boxes, box_indices, num_images, output_size, spatial_scale, sampling_ratio,
                  aligned, active=None) -> BoxGeometry:
-  """torchvision's per-box arithmetic, in float32. `active` (K,) bool: False gives no samples."""
+  """torchvision's per-box arithmetic, in float32. `active` (K,) bool: False gives no samples.
+
+  spatial_scale: a float, or a (K,) float32 array (each box's own map's scale).
+  """
   out_h, out_w = output_size
   boxes = lax.stop_gradient(boxes).astype(jnp.float32)
   offset = 0.5 if aligned else 0.0
-  x1, y1, x2, y2 = (boxes[:, i] * jnp.float32(spatial_scale) - offset for i in range(4))
+  spatial_scale = jnp.asarray(spatial_scale, jnp.float32)   # a float, or (K,) one per box
+  x1, y1, x2, y2 = (boxes[:, i] * spatial_scale - offset for i in range(4))
   roi_w, roi_h = x2 - x1, y2 - y1
   if not aligned:  # torchvision forces malformed RoIs to 1x1 in the legacy mode
     roi_w, roi_h = jnp.maximum(roi_w, 1.0), jnp.maximum(roi_h, 1.0)
@@ -74,19 +78,22 @@ def box_geometry(boxes, box_indices, num_images, output_size, spatial_scale, sam
 
 
 def _sample_positions(start, bin_size, grid, index, n_out):
-  """Sample coordinates (K, n_out) of sample number `index` in each bin, torchvision's order."""
+  """Sample coordinates (K, n_out) of sample number `index` (K,) in each bin, torchvision's order."""
   p = jnp.arange(n_out, dtype=jnp.float32)
   return (start[:, None] + p * bin_size[:, None]
-          + (index.astype(jnp.float32) + 0.5) * bin_size[:, None] / grid[:, None].astype(jnp.float32))
+          + (index.astype(jnp.float32) + 0.5)[:, None] * bin_size[:, None]
+          / grid[:, None].astype(jnp.float32))
 
 
-def _bilinear_taps(start, bin_size, grid, index, n_out, size):
-  """Low/high cell indices (K, n_out) int32 and their weights for sample `index` of every bin.
+def _bilinear_taps(start, bin_size, grid, index, active, n_out, size):
+  """Low/high cell indices (K, n_out) int32 and their weights for sample `index` (K,) of every bin.
 
-  Samples outside [-1, size] and sample numbers >= grid get weight 0.
+  size: the map's extent on this axis, an int or (K,) int32 per box. Samples outside
+  [-1, size] and boxes with active False get weight 0.
   """
+  size = size[:, None] if jnp.ndim(size) else size
   s = _sample_positions(start, bin_size, grid, index, n_out)
-  valid = (index < grid[:, None]) & (s >= -1.0) & (s <= size)
+  valid = active[:, None] & (s >= -1.0) & (s <= size)
   s = jnp.clip(s, 0.0, size - 1.0)
   low = jnp.floor(s).astype(jnp.int32)
   high = jnp.minimum(low + 1, size - 1)
@@ -94,51 +101,67 @@ def _bilinear_taps(start, bin_size, grid, index, n_out, size):
   return low, high, jnp.where(valid, 1.0 - frac, 0.0), jnp.where(valid, frac, 0.0)
 
 
-def _sample_loop(geometry, shape, out_h, out_w, body, init):
-  """Runs body(taps, carry) over every (iy, ix) sample number up to the largest grid.
+class _FlatMaps(NamedTuple):
+  """Where each box's map lies in the flattened maps (M, C)."""
+  base: jax.Array          # (K,) int32 flat row of the box's map's cell (0, 0)
+  height: jax.Array | int  # (K,) int32, or one int for all boxes
+  width: jax.Array | int
 
+
+def _single_map(geometry: BoxGeometry, shape) -> _FlatMaps:
+  """The (N, H, W, C) map flattened to (N * H * W, C): box k's map is image batch[k]."""
+  _, h, w, _ = shape
+  return _FlatMaps(geometry.batch * (h * w), h, w)
+
+
+def _sample_loop(geometry, maps: _FlatMaps, out_h, out_w, body, init):
+  """Runs body(taps, carry) over sample number t < max_k grid_h[k] * grid_w[k].
+
+  Sample t of box k is (iy, ix) = divmod(t, grid_w[k]): each box visits its own grid in
+  torchvision's row-major order, and the loop runs as long as the box with the most samples
+  needs (not the product of the largest grid_h and the largest grid_w).
   taps: list of four (flat_index (K, out_h, out_w), weight (K, out_h, out_w)) pairs into the
-  features reshaped to (N * H * W, C), weights already divided by the sample count.
+  flattened maps (M, C), weights already divided by the sample count.
   """
-  _, height, width, _ = shape
   g = geometry
-  max_gh = jnp.maximum(jnp.max(g.grid_h, initial=0), 0)
-  max_gw = jnp.maximum(jnp.max(g.grid_w, initial=0), 0)
+  samples = jnp.where((g.grid_h > 0) & (g.grid_w > 0), g.grid_h * g.grid_w, 0)
+  grid_w = jnp.maximum(g.grid_w, 1)
   count = jnp.maximum(g.grid_h * g.grid_w, 1).astype(jnp.float32)[:, None, None]
 
   def step(t, carry):
-    iy, ix = t // max_gw, t % max_gw
-    y_lo, y_hi, wy_lo, wy_hi = _bilinear_taps(g.y_start, g.bin_h, g.grid_h, iy, out_h, height)
-    x_lo, x_hi, wx_lo, wx_hi = _bilinear_taps(g.x_start, g.bin_w, g.grid_w, ix, out_w, width)
-    row = g.batch[:, None] * height
-    taps = [((row + y)[:, :, None] * width + x[:, None, :], (wy[:, :, None] * wx[:, None, :]) / count)
+    active = t < samples
+    iy, ix = t // grid_w, t % grid_w
+    y_lo, y_hi, wy_lo, wy_hi = _bilinear_taps(g.y_start, g.bin_h, g.grid_h, iy, active, out_h,
+                                              maps.height)
+    x_lo, x_hi, wx_lo, wx_hi = _bilinear_taps(g.x_start, g.bin_w, g.grid_w, ix, active, out_w,
+                                              maps.width)
+    base = maps.base[:, None, None]
+    width = maps.width[:, None, None] if jnp.ndim(maps.width) else maps.width
+    taps = [(base + y[:, :, None] * width + x[:, None, :], (wy[:, :, None] * wx[:, None, :]) / count)
             for y, wy in ((y_lo, wy_lo), (y_hi, wy_hi)) for x, wx in ((x_lo, wx_lo), (x_hi, wx_hi))]
     return body(taps, carry)
 
-  return lax.fori_loop(0, max_gh * max_gw, step, init)
+  return lax.fori_loop(0, jnp.max(samples, initial=0), step, init)
 
 
-def _xla_forward(features, geometry, out_h, out_w):
-  n, h, w, c = features.shape
-  flat = features.reshape(n * h * w, c)
-
+def _xla_flat_forward(flat, geometry, maps, out_h, out_w):
+  """(K, out_h, out_w, C) float32 from the flattened maps (M, C)."""
   def accumulate(taps, acc):
     for index, weight in taps:
       acc = acc + weight[..., None] * flat[index].astype(jnp.float32)
     return acc
 
-  k = geometry.batch.shape[0]
-  acc = _sample_loop(geometry, features.shape, out_h, out_w, accumulate,
-                     jnp.zeros((k, out_h, out_w, c), jnp.float32))
-  return acc.astype(features.dtype)
+  k, c = geometry.batch.shape[0], flat.shape[1]
+  return _sample_loop(geometry, maps, out_h, out_w, accumulate,
+                      jnp.zeros((k, out_h, out_w, c), jnp.float32))
 
 
-def _xla_backward(shape, dtype, geometry, grad_out):
-  """Feature gradient (N, H, W, C): each sample's weights scatter the output gradient back.
+def _xla_flat_backward(num_rows, geometry, maps, grad_out):
+  """Gradient (M, C) float32 of the flattened maps: each sample's weights scatter grad_out back.
 
   A scatter-add; deterministic on CPU and TPU, and on GPU under XLA's deterministic-ops flag.
   """
-  n, h, w, c = shape
+  c = grad_out.shape[-1]
   grad_out = grad_out.astype(jnp.float32)
 
   def scatter(taps, grad):
@@ -147,7 +170,20 @@ def _xla_backward(shape, dtype, geometry, grad_out):
     return grad
 
   out_h, out_w = grad_out.shape[1:3]
-  grad = _sample_loop(geometry, shape, out_h, out_w, scatter, jnp.zeros((n * h * w, c), jnp.float32))
+  return _sample_loop(geometry, maps, out_h, out_w, scatter, jnp.zeros((num_rows, c), jnp.float32))
+
+
+def _xla_forward(features, geometry, out_h, out_w):
+  n, h, w, c = features.shape
+  out = _xla_flat_forward(features.reshape(n * h * w, c), geometry,
+                          _single_map(geometry, features.shape), out_h, out_w)
+  return out.astype(features.dtype)
+
+
+def _xla_backward(shape, dtype, geometry, grad_out):
+  """Feature gradient (N, H, W, C)."""
+  n, h, w, _ = shape
+  grad = _xla_flat_backward(n * h * w, geometry, _single_map(geometry, shape), grad_out)
   return grad.reshape(shape).astype(dtype)
 
 
@@ -597,8 +633,10 @@ def multilevel_roi_align(features_per_level: Sequence[jax.Array], boxes: jax.Arr
     canonical_box_size, canonical_level: a box of this size (pixels) maps to this level.
 
   Returns:
-    (K, out_h, out_w, C). Static shapes: every level runs over all K boxes with the boxes
-    of other levels inactive, which the Pallas kernels skip at no cost.
+    (K, out_h, out_w, C). Static shapes: the XLA version flattens the levels into one array
+    and samples each box from its own level in one gather (and one scatter-add backward); the
+    Pallas versions run every level over all K boxes with the boxes of other levels inactive,
+    which they skip at no cost.
   """
   features_per_level = list(features_per_level)
   strides = tuple(strides)
@@ -615,6 +653,11 @@ def multilevel_roi_align(features_per_level: Sequence[jax.Array], boxes: jax.Arr
                      f"and C, got shapes {[jnp.shape(f) for f in features_per_level]}.")
   min_level = int(levels[0])
   assigned = fpn_levels(boxes, min_level, int(levels[-1]), canonical_box_size, canonical_level)
+  implementation = _common.resolve_implementation(implementation, "multilevel_roi_align",
+                                                  _IMPLEMENTATIONS)
+  if implementation == "xla":
+    return _xla_multilevel(features_per_level, boxes, box_indices, assigned - min_level,
+                           output_size, strides, sampling_ratio, aligned)
   pooled = None
   for i, (features, stride) in enumerate(zip(features_per_level, strides)):
     out = roi_align(features, boxes, box_indices, output_size, spatial_scale=1.0 / stride,
@@ -622,3 +665,63 @@ def multilevel_roi_align(features_per_level: Sequence[jax.Array], boxes: jax.Arr
                     block_sizes=block_sizes, active=assigned == min_level + i)
     pooled = out if pooled is None else pooled + out
   return pooled
+
+
+class _FlatStatic(NamedTuple):
+  out_h: int
+  out_w: int
+  rows: int          # M, the flattened maps' rows
+  dtype: jnp.dtype
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flat_roi_align(static: _FlatStatic, flat, geometry, maps):
+  return _xla_flat_forward(flat, geometry, maps, static.out_h, static.out_w).astype(static.dtype)
+
+
+def _flat_roi_align_fwd(static, flat, geometry, maps):
+  return _flat_roi_align(static, flat, geometry, maps), (geometry, maps)
+
+
+def _flat_roi_align_bwd(static, residuals, grad_out):
+  geometry, maps = residuals
+  grad = _xla_flat_backward(static.rows, geometry, maps, grad_out).astype(static.dtype)
+  return (grad,) + jax.tree.map(jnp.zeros_like, (geometry, maps))
+
+
+_flat_roi_align.defvjp(_flat_roi_align_fwd, _flat_roi_align_bwd)
+
+
+def _xla_multilevel(features_per_level, boxes, box_indices, level_index, output_size, strides,
+                    sampling_ratio, aligned):
+  """The XLA multi-level RoIAlign: every level's map flattened into one (M, C) array and one
+  sample gather over all boxes, each box at its own level's offset, size and scale, so a box
+  costs the same as in a single-level roi_align (not once per level). level_index: (K,) int32
+  in [0, levels)."""
+  features_per_level = [jnp.asarray(f) for f in features_per_level]
+  boxes, box_indices = jnp.asarray(boxes), jnp.asarray(box_indices)
+  for features in features_per_level:
+    _common.check_box_arguments(features, boxes, box_indices, "multilevel_roi_align")
+  out_h, out_w = _common.pair(output_size, "multilevel_roi_align: output_size")
+  if not isinstance(sampling_ratio, int):
+    raise ValueError(f"multilevel_roi_align: sampling_ratio must be an int (<= 0 for adaptive), "
+                     f"got {sampling_ratio!r}.")
+  n, c = features_per_level[0].shape[0], features_per_level[0].shape[3]
+  if any(f.shape[0] != n for f in features_per_level):
+    raise ValueError("multilevel_roi_align: every level must be (N, H_l, W_l, C) with the same N "
+                     f"and C, got shapes {[f.shape for f in features_per_level]}.")
+  dtype = jnp.result_type(*features_per_level)
+  heights = [f.shape[1] for f in features_per_level]
+  widths = [f.shape[2] for f in features_per_level]
+  offsets = [0]
+  for h, w in zip(heights, widths):
+    offsets.append(offsets[-1] + n * h * w)
+  per_box = lambda values, dtype: jnp.asarray(values, dtype)[level_index]
+  geometry = box_geometry(boxes, box_indices, n, (out_h, out_w),
+                          per_box([1.0 / s for s in strides], jnp.float32), sampling_ratio,
+                          bool(aligned))
+  height, width = per_box(heights, jnp.int32), per_box(widths, jnp.int32)
+  maps = _FlatMaps(per_box(offsets[:-1], jnp.int32) + geometry.batch * height * width, height, width)
+  flat = jnp.concatenate([f.astype(dtype).reshape(-1, c) for f in features_per_level])
+  return _flat_roi_align(_FlatStatic(out_h, out_w, offsets[-1], jnp.dtype(dtype)), flat,
+                         geometry, maps)

@@ -450,3 +450,58 @@ def test_multilevel_bad_arguments_raise_value_error():
   with pytest.raises(ValueError, match="implementation"):
     kernels.multilevel_roi_align(features, boxes, box_indices, 2, strides=(4, 8),
                                  implementation="triton")
+
+
+@pytest.mark.parametrize("sampling_ratio, aligned", [(0, True), (0, False), (2, True)])
+def test_xla_multilevel_equals_roi_align_per_level(rng, seed, sampling_ratio, aligned):
+  """The XLA multilevel path (the levels flattened into one map, each box sampled from its own
+  level in one gather, one scatter-add backward) equals roi_align run on every level with the
+  other levels' boxes inactive, summed: forward, gradient of every level, and under vmap.
+  Boxes on every level, plus every kind of box (empty, degenerate, reversed, outside, ...)."""
+  strides, image_h, image_w, channels, num_images = (4, 8, 16, 32), 64, 96, 3, 2
+  features = [rng.standard_normal((num_images, image_h // s, image_w // s, channels))
+              .astype(np.float32) for s in strides]
+  boxes = np.concatenate(
+      [pyramid_boxes(rng, _SIZE_BANDS, image_h, image_w) for _ in range(2)]
+      + [ref.random_boxes(rng, ref.BOX_KINDS, image_h // s, image_w // s, 1.0 / s)
+         for s in strides])
+  box_indices = ref.every_image(rng, len(boxes), num_images)
+  assigned = ref.fpn_levels(boxes, 2, 5)
+  assert set(assigned) == {2, 3, 4, 5}, "the boxes should hit every level"
+  cotangent = rng.standard_normal((len(boxes), 3, 4, channels)).astype(np.float32)
+  options = dict(sampling_ratio=sampling_ratio, aligned=aligned, implementation="xla")
+
+  def multilevel(features, boxes, box_indices):
+    return kernels.multilevel_roi_align(features, boxes, box_indices, (3, 4), strides=strides,
+                                        **options)
+
+  def per_level(features, boxes, box_indices):
+    levels = kernels.fpn_levels(boxes, 2, 5)
+    return sum(kernels.roi_align(f, boxes, box_indices, (3, 4), spatial_scale=1.0 / s,
+                                 active=levels == i + 2, **options)
+               for i, (f, s) in enumerate(zip(features, strides)))
+
+  @jax.jit
+  def run(features, boxes, box_indices):
+    results = []
+    for pool in (multilevel, per_level):
+      out, vjp = jax.vjp(lambda f: pool(f, boxes, box_indices), features)
+      results.append((out, vjp(jnp.asarray(cotangent))[0]))
+    return results
+
+  args = (tuple(jnp.asarray(f) for f in features), jnp.asarray(boxes), jnp.asarray(box_indices))
+  (out, grads), (expected, expected_grads) = run(*args)
+  assert_close(out, expected, seed, "multilevel forward vs per-level roi_align")
+  for level, (grad, expected_grad) in enumerate(zip(grads, expected_grads)):
+    assert_close(grad, expected_grad, seed, f"multilevel backward vs per-level, level index {level}")
+  # Reference too, as a check that per_level is the semantics.
+  expected64 = ref.multilevel_roi_align_forward(features, boxes, box_indices, (3, 4), strides,
+                                                sampling_ratio=sampling_ratio, aligned=aligned)
+  assert_close(out, expected64, seed, "multilevel forward vs reference")
+
+  # vmap over a batch of two feature pyramids and two box sets.
+  stacked = tuple(jnp.stack([f, -2 * f]) for f in args[0])
+  stacked_boxes = jnp.stack([args[1], args[1][::-1]])
+  out_v = jax.jit(jax.vmap(multilevel, in_axes=(0, 0, None)))(stacked, stacked_boxes, args[2])
+  expected_v = jax.jit(jax.vmap(per_level, in_axes=(0, 0, None)))(stacked, stacked_boxes, args[2])
+  assert_close(out_v, expected_v, seed, "vmapped multilevel vs per-level")
