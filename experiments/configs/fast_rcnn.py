@@ -40,6 +40,8 @@ Results, 800 steps of batch 8, Adam 1e-3 cosine, on a 2-core CPU shared with oth
   :spp       0.097   0.190  0.067  0.388  8.2 min
   :roi_align 0.180   0.279  0.214  0.528  3.9 min
   :faster    0.076   0.158  0.059  0.373  6.0 min (RPN: 64 proposals per image, none from gt)
+  :file      0.107   0.214  0.071  0.399  3 min (the '' proposals read from files; load ~3,
+                                         `--config.data.proposals=/tmp/runs/proposals/digit_canvases_{split}.npz`)
 
 RoIAlign's bilinear sampling tells apart boxes that RoI pooling's rounding to cells merges, which
 is what box refinement needs on an 8 x 8 map (AP75 0.214 vs 0.071). Times vary with the load.
