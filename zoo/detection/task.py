@@ -10,7 +10,11 @@ Losses are detectron2's defaults, from the targets the model sampled (zoo.detect
 
 Evaluation collects every image's detections (the trainer concatenates them over the split:
 `eval_concatenates`) and computes COCO's box AP (and mask AP with masks) on them with
-`zoo.metrics`. Category ids are the dataset labels + 1 (0 is the model's background).
+`zoo.metrics`. Category ids are the dataset labels + 1 (0 is the model's background). Masks
+leave the device pasted and thresholded, (B, D, H, W) per batch, and are kept on the host as
+COCO run-length codes of the valid detections and objects only (`compact_eval_outputs`), so a
+split's masks take about what its COCO result file would (COCO val at 800 x 800 as dense
+masks would be 5000 x 100 x 800 x 800 bytes).
 
 `proposals` says where a model without an RPN (Fast R-CNN, zoo.detection.fast_rcnn) gets its
 regions, in training and in evaluation (`model_eval_targets`):
@@ -91,9 +95,29 @@ class Detection:
       out["gt_masks"] = batch["instance_masks"]
     return out
 
+  def compact_eval_outputs(self, outputs: dict) -> dict:
+    """One batch's eval outputs on the host with the masks as RLE (module doc).
+
+    "masks" (B, D, H, W) and "gt_masks" (B, G, H, W) become object arrays (B, D) / (B, G) of
+    COCO RLE dicts (None where not valid); "gt_areas" (B, G) float64 counts the gt pixels.
+    """
+    if not self.masks:
+      return outputs
+    out = dict(outputs)
+    out["gt_areas"] = np.asarray(outputs["gt_masks"]).sum((-2, -1)).astype(np.float64)
+    for key, valid in (("masks", "valid"), ("gt_masks", "gt_valid")):
+      masks, keep = np.asarray(outputs[key]), np.asarray(outputs[valid])
+      codes = np.full(keep.shape, None, object)
+      for i, j in zip(*np.nonzero(keep)):
+        codes[i, j] = coco.rle_encode(masks[i, j])
+      out[key] = codes
+    return out
+
   def summarize(self, gathered) -> dict:
     g = {k: np.asarray(v) for k, v in gathered.items()}
-    gt_areas = g["gt_masks"].sum((-2, -1)).astype(np.float64) if self.masks else None
+    if self.masks and g["gt_masks"].dtype != object:   # called without the trainer's compaction
+      g = {k: np.asarray(v) for k, v in self.compact_eval_outputs(g).items()}
+    gt_areas = g["gt_areas"] if self.masks else None
     result = {f"box_{k}": v for k, v in coco.coco_evaluate_padded(
         g["gt_boxes"], g["gt_labels"], g["gt_valid"], g["boxes"], g["scores"], g["classes"],
         g["valid"], gt_areas=gt_areas).items()}
@@ -102,22 +126,21 @@ class Detection:
     return result
 
   def _mask_ap(self, g) -> dict:
-    """COCO mask AP from the pasted masks, through the COCO interchange format (RLE)."""
+    """COCO mask AP from the masks' RLEs, through the COCO interchange format."""
     images, annotations, detections = [], [], []
-    height, width = g["gt_masks"].shape[-2:]
     for i in range(g["gt_valid"].shape[0]):
-      images.append({"id": i, "height": height, "width": width})
       for j in np.flatnonzero(g["gt_valid"][i]):
-        rle = coco.rle_encode(g["gt_masks"][i, j])
         x1, y1, x2, y2 = (float(v) for v in g["gt_boxes"][i, j])
         annotations.append({"id": len(annotations) + 1, "image_id": i, "iscrowd": 0,
-                            "category_id": int(g["gt_labels"][i, j]), "segmentation": rle,
-                            "area": float(g["gt_masks"][i, j].sum()),
+                            "category_id": int(g["gt_labels"][i, j]),
+                            "segmentation": g["gt_masks"][i, j], "area": float(g["gt_areas"][i, j]),
                             "bbox": [x1, y1, x2 - x1, y2 - y1]})
       for j in np.flatnonzero(g["valid"][i]):
         detections.append({"image_id": i, "category_id": int(g["classes"][i, j]),
-                           "score": float(g["scores"][i, j]),
-                           "segmentation": coco.rle_encode(g["masks"][i, j])})
+                           "score": float(g["scores"][i, j]), "segmentation": g["masks"][i, j]})
+      codes = [c for c in (*g["gt_masks"][i], *g["masks"][i]) if c is not None]
+      height, width = codes[0]["size"] if codes else (1, 1)
+      images.append({"id": i, "height": height, "width": width})
     categories = [{"id": c} for c in range(1, self.num_classes + 1)]
     ground_truth = {"images": images, "annotations": annotations, "categories": categories}
     return coco.coco_evaluate(ground_truth, detections, iou_type="segm")

@@ -8,6 +8,12 @@ task methods are pure jax.numpy on static shapes.
     eval_sums(outputs, batch) -> pytree of totals, added up over every batch of a split
     summarize(sums) -> {name: float}, computed once from the split's totals
     predict(outputs) -> what predict.py draws
+
+A task whose summary is not additive (detection AP) sets `eval_concatenates = True`: the
+trainer then concatenates every batch's `eval_sums` over the split (NumPy, on the host) and
+hands that to `summarize`. It may also define `compact_eval_outputs(host_outputs) -> outputs`,
+applied to each batch on the host before concatenation, to keep the split's outputs small
+(e.g. masks as run-length codes: a split of full-image masks would not fit in memory).
 """
 
 from typing import Protocol

@@ -200,11 +200,12 @@ class Experiment:
     # Additive totals, or (tasks with `eval_concatenates`, e.g. detection AP) every example's
     # outputs, concatenated on the host.
     concatenate = getattr(self.task, "eval_concatenates", False)
+    compact = getattr(self.task, "compact_eval_outputs", lambda outputs: outputs)
     sums, gathered = None, []
     for local_batch in batches:
       batch_sums = self._eval_step(state, mesh_lib.global_batch(local_batch, self.mesh))
       if concatenate:
-        gathered.append(jax.device_get(batch_sums))
+        gathered.append(compact(jax.device_get(batch_sums)))
       else:
         sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
     if concatenate:
