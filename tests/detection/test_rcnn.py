@@ -155,6 +155,26 @@ def test_paste_masks_matches_grid_sample():
     np.testing.assert_allclose(out[d], reference_paste(masks[d], boxes[d], 16, 20), atol=2e-6)
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 6, 8), (2, 14, 14, 16)])
+def test_mask_up_convolution_is_flax_conv_transpose(shape):
+  """conv5_mask as matmul + depth-to-space: nn.ConvTranspose's parameters, init, outputs and
+  gradients (its XLA CPU gradient is a slow naive loop, hence the rewrite)."""
+  import flax.linen as nn
+  x = jnp.asarray(np.random.default_rng(3).standard_normal(shape), jnp.float32)
+  plain = nn.ConvTranspose(4, (2, 2), strides=(2, 2),
+                           kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
+  ours = rcnn.MaskUpConvolution(4)
+  variables = plain.init(jax.random.key(1), x)
+  jax.tree.map(np.testing.assert_array_equal, ours.init(jax.random.key(1), x), variables)
+  variables = {"params": {**variables["params"], "bias": jnp.arange(4.0)}}
+  np.testing.assert_allclose(ours.apply(variables, x), plain.apply(variables, x), atol=1e-5)
+  cotangent = jnp.asarray(np.random.default_rng(4).standard_normal(
+      (shape[0], 2 * shape[1], 2 * shape[2], 4)), jnp.float32)
+  grads = [jax.grad(lambda v, x: jnp.sum(m.apply(v, x) * cotangent), argnums=(0, 1))(variables, x)
+           for m in (ours, plain)]
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-4), *grads)
+
+
 def test_fpn_nearest_resize_is_torchvision_floor_rule():
   x = jnp.arange(2 * 7 * 5, dtype=jnp.float32).reshape(1, 7, 5, 2)
   out = np.asarray(rcnn.nearest_resize(x, (13, 9)))

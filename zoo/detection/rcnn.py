@@ -76,6 +76,33 @@ class FPN(nn.Module):
     return {f"P{i + 2}": p for i, p in enumerate(outputs)}
 
 
+class MaskUpConvolution(nn.Module):
+  """The mask head's conv5_mask: `nn.ConvTranspose(features, (2, 2), strides=(2, 2))` with the
+  same parameters (kernel (2, 2, C_in, features) HWIO, read flipped; bias) and the same init
+  (torchvision's kaiming_normal_ fan_out), computed as one matmul + depth-to-space.
+
+  A 2x2 stride-2 transposed convolution has no overlapping taps: output pixel (2i + a, 2j + b)
+  is x[i, j] @ kernel[1 - a, 1 - b] + bias (as zoo.layers.UpConvolution, whose init differs).
+  XLA's CPU gradient of lax.conv_transpose is a naive loop (about 30 s for 256 RoIs of
+  14 x 14 x 256), the matmul's is a matmul.
+  """
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """x: (B, H, W, C_in) -> (B, 2H, 2W, features) in `dtype`."""
+    batch, height, width, channels = x.shape
+    kernel = self.param("kernel", nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                        (2, 2, channels, self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+    matrix = jnp.transpose(kernel[::-1, ::-1], (2, 0, 1, 3)).reshape(channels, 4 * self.features)
+    y = (x.reshape(-1, channels) @ matrix).reshape(batch, height, width, 2, 2, self.features)
+    y = jnp.transpose(y, (0, 1, 3, 2, 4, 5)).reshape(batch, 2 * height, 2 * width, self.features)
+    return y + bias
+
+
 class RPNHead(nn.Module):
   """3x3 conv + ReLU, then objectness (A) and box deltas (4A) per position, shared by levels."""
   num_anchors: int
@@ -423,9 +450,7 @@ class RCNN(nn.Module):
       x = nn.relu(nn.Conv(self.mask_channels, (3, 3), padding=1, dtype=self.dtype,
                           kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
                           name=f"mask_fcn{i}")(x))
-    x = nn.relu(nn.ConvTranspose(self.mask_channels, (2, 2), strides=(2, 2), dtype=self.dtype,
-                                 kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-                                 name="conv5_mask")(x))
+    x = nn.relu(MaskUpConvolution(self.mask_channels, dtype=self.dtype, name="conv5_mask")(x))
     x = nn.Conv(self.num_classes + 1, (1, 1), dtype=self.dtype,
                 kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
                 name="mask_fcn_logits")(x)
