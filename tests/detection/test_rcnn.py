@@ -109,6 +109,36 @@ def test_eight_devices_give_the_loss_of_one():
   np.testing.assert_allclose(float(sharded), float(single), rtol=1e-5)
 
 
+def test_mask_chunks_change_nothing_but_unused_slots():
+  """The mask head skips chunks of slots without a positive / detection: per-slot chunks give
+  the loss and gradients of one chunk, and the masks of the valid detections (0 elsewhere)."""
+  _, variables = model_and_variables()
+  one_chunk = zoo.create("mask_rcnn_r50_fpn", **TINY, mask_chunk=1000)
+  per_slot = zoo.create("mask_rcnn_r50_fpn", **TINY, mask_chunk=1)
+  task = Detection(3, masks=True, rpn_batch_size_per_image=32)
+  images = jnp.asarray(np.random.default_rng(6).random((2, 64, 64, 3)), jnp.float32)
+  batch_targets = targets(batch=2, empty_image=1)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(model):
+    def loss(params):
+      (outputs, _), _ = model.apply({**variables, "params": params}, images, train=True,
+                                    targets=batch_targets, rngs={"sampling": jax.random.key(7)},
+                                    mutable=["batch_stats"])
+      return task.loss(outputs, {})[0], outputs["mask"]["valid"]
+    (value, valid), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+    return value, valid, grads, model.apply(variables, images, train=False)[0]
+
+  (loss, valid, grads, detections), (loss1, _, grads1, detections1) = run(per_slot), run(one_chunk)
+  assert 0 < int(valid.sum()) < valid.size, "some slots should hold positives, some not"
+  np.testing.assert_allclose(float(loss), float(loss1), rtol=1e-6)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5), grads, grads1)
+  keep = np.asarray(detections["valid"])
+  np.testing.assert_allclose(np.asarray(detections["masks"]), np.asarray(detections1["masks"]),
+                             atol=1e-6)
+  assert (np.asarray(detections["masks"])[~keep] == 0).all()
+
+
 def test_image_sides_must_be_multiples_of_32():
   model, variables = model_and_variables()
   with pytest.raises(ValueError, match="multiples of 32.*got 65x64.*96x64"):

@@ -5,7 +5,8 @@ Training is a single XLA program, proposals and sampling included: the RPN's anc
 matched and a fixed number sampled, proposals are the post-NMS top-k per image (padded, with a
 validity mask), ground-truth boxes join them, the RoI heads sample a fixed number of RoIs at a
 fixed positive fraction, and the mask head runs on the first `box_batch_size_per_image *
-box_positive_fraction` slots, where the sampler puts the positives. The model returns raw
+box_positive_fraction` slots, where the sampler puts the positives (chunks of slots without
+one are skipped). The model returns raw
 outputs together with the targets it sampled; the losses are `zoo.detection.task`'s.
 
 The layout follows torchvision's `fasterrcnn_resnet50_fpn` / `maskrcnn_resnet50_fpn` (module
@@ -37,6 +38,7 @@ from zoo.registry import register_model
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _FPN_STRIDES = (4, 8, 16, 32, 64)   # P2..P6
+_MASK_POOL = 14                     # the mask head's RoIAlign size; its logits are 2x that
 
 
 def _uniform_a1():
@@ -74,6 +76,59 @@ class FPN(nn.Module):
       outputs.insert(0, conv(3, f"layer_blocks_{i}")(top))
     outputs.append(outputs[-1][:, ::2, ::2])
     return {f"P{i + 2}": p for i, p in enumerate(outputs)}
+
+
+@jax.custom_vjp
+def _same_conv(x, kernel):
+  """Stride-1 "same" convolution, NHWC x HWIO (odd kernel), whose gradient is a convolution
+  (input) and matmuls (kernel): XLA's CPU convolution gradients are a slow naive loop inside
+  a conditional (about 80x), where the mask head runs (`RCNN._mask_head_where`)."""
+  return _same_conv_forward(x, kernel)
+
+
+def _same_conv_forward(x, kernel):
+  kh, kw = kernel.shape[:2]
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2)),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _same_conv_fwd(x, kernel):
+  return _same_conv_forward(x, kernel), (x, kernel)
+
+
+def _same_conv_bwd(residuals, grad):
+  x, kernel = residuals
+  kh, kw = kernel.shape[:2]
+  # d/dx: the same convolution of the gradient with the kernel flipped and transposed.
+  grad_x = _same_conv_forward(grad, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)))
+  # d/dkernel[dy, dx]: the input shifted by (dy, dx) against the gradient, one matmul each.
+  padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  h, w = x.shape[1:3]
+  g = grad.reshape(-1, grad.shape[-1])
+  grad_kernel = jnp.stack([
+      jnp.stack([jnp.dot(padded[:, dy:dy + h, dx:dx + w].reshape(-1, x.shape[-1]).T, g)
+                 for dx in range(kw)])
+      for dy in range(kh)])
+  return grad_x.astype(x.dtype), grad_kernel.astype(kernel.dtype)
+
+
+_same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
+
+
+def _mask_conv(inputs, kernel, strides, padding, *, lhs_dilation=None, rhs_dilation=None,
+               dimension_numbers=None, feature_group_count=1, precision=None):
+  """nn.Conv's `conv_general_dilated` for the mask head's stride-1 "same" convolutions."""
+  kh, kw = kernel.shape[:2]
+  same = [(kh // 2, kh // 2), (kw // 2, kw // 2)]
+  if isinstance(padding, str):
+    padding = same if padding == "SAME" else padding
+  if (tuple(strides) != (1, 1) or [tuple(p) for p in padding] != same or kh % 2 == 0
+      or kw % 2 == 0 or feature_group_count != 1 or any(d not in (None, 1, (1, 1))
+                                                           for d in (lhs_dilation, rhs_dilation))):
+    raise ValueError("the mask head's convolutions are stride-1 'same' convolutions with odd "
+                     f"kernels; got kernel {kernel.shape}, strides {strides}, padding {padding}.")
+  del dimension_numbers, precision   # flax's NHWC / HWIO and default precision, as nn.Conv
+  return _same_conv(inputs, kernel)
 
 
 class MaskUpConvolution(nn.Module):
@@ -289,7 +344,10 @@ class RCNN(nn.Module):
   Returns (outputs, aux): training outputs hold each head's raw predictions and the targets
   sampled for them (see `zoo.detection.task`); inference outputs are the detections
   {"boxes": (B, D, 4), "scores", "classes" (1..num_classes), "valid", and with masks
-  "masks": (B, D, M, M) probabilities in each box}, D = detections_per_image.
+  "masks": (B, D, M, M) probabilities in each box, 0 where not valid}, D =
+  detections_per_image. `mask_chunk`: slots the mask head skips together when none of them
+  holds a positive (training) or a detection (inference); a speed knob, results do not
+  depend on it.
   """
   num_classes: int
   depth: str = "resnet50"
@@ -321,6 +379,7 @@ class RCNN(nn.Module):
   roi_aligned: bool = True
   masks: bool = False
   mask_channels: int = 256
+  mask_chunk: int = 16
   dtype: Any = jnp.float32
 
   @property
@@ -390,9 +449,10 @@ class RCNN(nn.Module):
     detections = jax.vmap(lambda *a: self._detect(*a, (height, width)))(
         rois, rois_valid, class_logits, box_deltas)
     if self.masks:
-      logits = self._mask_head(features, detections["boxes"])
+      logits = self._mask_head_where(features, detections["boxes"], detections["valid"])
       picked = jnp.take_along_axis(logits, detections["classes"][:, :, None, None, None], axis=-1)
-      detections["masks"] = jax.nn.sigmoid(picked[..., 0])
+      detections["masks"] = jnp.where(detections["valid"][:, :, None, None],
+                                      jax.nn.sigmoid(picked[..., 0]), 0.0)
     return detections, {}
 
   # -------------------------------------------------------------------------------- RPN
@@ -443,18 +503,41 @@ class RCNN(nn.Module):
 
   def _mask_head(self, features, rois):
     """Per-class mask logits (B, K, 28, 28, C+1) for rois (B, K, 4)."""
-    x = self._pool(features, rois, 14)
+    x = self._pool(features, rois, _MASK_POOL)
     shape = x.shape
     x = x.reshape((-1,) + shape[2:])
     for i in range(1, 5):
       x = nn.relu(nn.Conv(self.mask_channels, (3, 3), padding=1, dtype=self.dtype,
+                          conv_general_dilated=_mask_conv,
                           kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
                           name=f"mask_fcn{i}")(x))
     x = nn.relu(MaskUpConvolution(self.mask_channels, dtype=self.dtype, name="conv5_mask")(x))
-    x = nn.Conv(self.num_classes + 1, (1, 1), dtype=self.dtype,
+    x = nn.Conv(self.num_classes + 1, (1, 1), dtype=self.dtype, conv_general_dilated=_mask_conv,
                 kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
                 name="mask_fcn_logits")(x)
     return x.reshape(shape[:2] + x.shape[1:]).astype(jnp.float32)
+
+  def _mask_head_where(self, features, rois, active):
+    """`_mask_head` on rois (B, K, 4) in chunks of `mask_chunk` slots; a chunk where no image
+    has an active slot (active: (B, K) bool) is skipped and gets logits 0.
+
+    The sampler puts the positives first and NMS the valid detections, so the head's cost
+    follows the number of positives (training) or detections (inference), as torchvision's
+    (which runs it on those only), within static shapes. Exact: the active slots' logits are
+    unchanged; only unused slots' differ.
+    """
+    if self.is_initializing():
+      return self._mask_head(features, rois)
+    k, chunk = rois.shape[1], max(1, min(self.mask_chunk, rois.shape[1]))
+    logits = []
+    for start in range(0, k, chunk):
+      part = rois[:, start:start + chunk]
+      skip_shape = part.shape[:2] + (2 * _MASK_POOL, 2 * _MASK_POOL, self.num_classes + 1)
+      logits.append(nn.cond(jnp.any(active[:, start:start + chunk]),
+                            lambda module, f, r: module._mask_head(f, r),
+                            lambda module, f, r: jnp.zeros(skip_shape, jnp.float32),
+                            self, features, part))
+    return jnp.concatenate(logits, axis=1)
 
   def _mask_training(self, features, rois, sampled, targets):
     """Mask logits of the gt class and 28 x 28 targets for the first `mask_rois` sampled slots
@@ -462,7 +545,7 @@ class RCNN(nn.Module):
     (sampling_ratio 0, aligned) and thresholded at 0.5, as detectron2."""
     n = self.mask_rois
     rois, classes = rois[:, :n], sampled["classes"][:, :n]
-    logits = self._mask_head(features, rois)
+    logits = self._mask_head_where(features, rois, sampled["positive"][:, :n])
     logits = jnp.take_along_axis(logits, classes[:, :, None, None, None], axis=-1)[..., 0]
     gt_masks = targets["instance_masks"]
     b, g, height, width = gt_masks.shape
