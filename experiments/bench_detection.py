@@ -21,7 +21,9 @@ masks per image. Rows:
 Times are medians of `--repeats` timed calls after a warm-up call (compilation excluded), per
 image. The floor is the step's FLOPs (XLA's cost analysis of the compiled step) over the
 device's peak (bench_train's estimate on a CPU; `--peak_gflops` to give it), and "of floor"
-is floor / measured.
+is floor / measured. XLA's cost analysis counts a conditional's branches as if they ran, so
+Mask R-CNN's FLOPs include the mask head on all 128 slots per image although it skips the
+chunks without a positive (`RCNN.mask_chunk`): its "of floor" overstates.
 """
 
 import json
