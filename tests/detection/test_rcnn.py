@@ -139,6 +139,23 @@ def test_mask_chunks_change_nothing_but_unused_slots():
   assert (np.asarray(detections["masks"])[~keep] == 0).all()
 
 
+@pytest.mark.parametrize("kernel_size", [1, 3, 5])
+def test_mask_head_convolution_gradient_is_the_convolutions(kernel_size):
+  """The mask head's hand-written convolution gradient (CPU) equals XLA's autodiff of it."""
+  rng = np.random.default_rng()
+  x = jnp.asarray(rng.standard_normal((3, 7, 6, 5)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((kernel_size, kernel_size, 5, 4)), jnp.float32)
+  cotangent = jnp.asarray(rng.standard_normal((3, 7, 6, 4)), jnp.float32)
+  pads = [(kernel_size // 2,) * 2] * 2
+  grads = [jax.jit(jax.grad(lambda x, k: jnp.sum(f(x, k) * cotangent), argnums=(0, 1)))(x, kernel)
+           for f in (rcnn._same_conv, rcnn._same_conv_forward,
+                     lambda x, k: rcnn._mask_conv(x, k, (1, 1), pads))]
+  for ours in (grads[0], grads[2]):
+    for a, b in zip(ours, grads[1]):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(rcnn._same_conv(x, kernel), rcnn._same_conv_forward(x, kernel))
+
+
 def test_image_sides_must_be_multiples_of_32():
   model, variables = model_and_variables()
   with pytest.raises(ValueError, match="multiples of 32.*got 65x64.*96x64"):
@@ -190,10 +207,11 @@ def test_mask_up_convolution_is_flax_conv_transpose(shape):
   """conv5_mask as matmul + depth-to-space: nn.ConvTranspose's parameters, init, outputs and
   gradients (its XLA CPU gradient is a slow naive loop, hence the rewrite)."""
   import flax.linen as nn
+  from zoo.layers import UpConvolution
   x = jnp.asarray(np.random.default_rng(3).standard_normal(shape), jnp.float32)
   plain = nn.ConvTranspose(4, (2, 2), strides=(2, 2),
                            kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
-  ours = rcnn.MaskUpConvolution(4)
+  ours = UpConvolution(4, kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
   variables = plain.init(jax.random.key(1), x)
   jax.tree.map(np.testing.assert_array_equal, ours.init(jax.random.key(1), x), variables)
   variables = {"params": {**variables["params"], "bias": jnp.arange(4.0)}}

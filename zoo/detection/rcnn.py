@@ -33,6 +33,7 @@ import numpy as np
 import kernels
 from zoo.backbones.resnet import RESNET_BLOCKS, ResNet
 from zoo.detection import boxes as box_ops
+from zoo.layers import UpConvolution
 from zoo.registry import register_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -128,34 +129,8 @@ def _mask_conv(inputs, kernel, strides, padding, *, lhs_dilation=None, rhs_dilat
     raise ValueError("the mask head's convolutions are stride-1 'same' convolutions with odd "
                      f"kernels; got kernel {kernel.shape}, strides {strides}, padding {padding}.")
   del dimension_numbers, precision   # flax's NHWC / HWIO and default precision, as nn.Conv
-  return _same_conv(inputs, kernel)
-
-
-class MaskUpConvolution(nn.Module):
-  """The mask head's conv5_mask: `nn.ConvTranspose(features, (2, 2), strides=(2, 2))` with the
-  same parameters (kernel (2, 2, C_in, features) HWIO, read flipped; bias) and the same init
-  (torchvision's kaiming_normal_ fan_out), computed as one matmul + depth-to-space.
-
-  A 2x2 stride-2 transposed convolution has no overlapping taps: output pixel (2i + a, 2j + b)
-  is x[i, j] @ kernel[1 - a, 1 - b] + bias (as zoo.layers.UpConvolution, whose init differs).
-  XLA's CPU gradient of lax.conv_transpose is a naive loop (about 30 s for 256 RoIs of
-  14 x 14 x 256), the matmul's is a matmul.
-  """
-  features: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    """x: (B, H, W, C_in) -> (B, 2H, 2W, features) in `dtype`."""
-    batch, height, width, channels = x.shape
-    kernel = self.param("kernel", nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-                        (2, 2, channels, self.features), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-    matrix = jnp.transpose(kernel[::-1, ::-1], (2, 0, 1, 3)).reshape(channels, 4 * self.features)
-    y = (x.reshape(-1, channels) @ matrix).reshape(batch, height, width, 2, 2, self.features)
-    y = jnp.transpose(y, (0, 1, 3, 2, 4, 5)).reshape(batch, 2 * height, 2 * width, self.features)
-    return y + bias
+  # The hand-written gradient is for XLA:CPU; GPUs and TPUs keep the convolution's own.
+  return jax.lax.platform_dependent(inputs, kernel, cpu=_same_conv, default=_same_conv_forward)
 
 
 class RPNHead(nn.Module):
@@ -511,7 +486,10 @@ class RCNN(nn.Module):
                           conv_general_dilated=_mask_conv,
                           kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
                           name=f"mask_fcn{i}")(x))
-    x = nn.relu(MaskUpConvolution(self.mask_channels, dtype=self.dtype, name="conv5_mask")(x))
+    # nn.ConvTranspose(2x2, stride 2) as matmul + depth-to-space: XLA's CPU gradient of the
+    # transposed convolution is a naive loop (~30 s for 256 RoIs of 14 x 14 x 256).
+    x = nn.relu(UpConvolution(self.mask_channels, dtype=self.dtype, name="conv5_mask",
+                              kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))(x))
     x = nn.Conv(self.num_classes + 1, (1, 1), dtype=self.dtype, conv_general_dilated=_mask_conv,
                 kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
                 name="mask_fcn_logits")(x)

@@ -28,18 +28,22 @@ class UpConvolution(nn.Module):
   Attributes:
     features: output channels (the paper halves the channel count).
     dtype: compute dtype; param_dtype: parameter dtype.
+    kernel_init: the kernel's initializer; default normal(sqrt(2 / C_in)) (He et al. for
+      one input pixel per output pixel). Mask R-CNN's conv5_mask passes torchvision's
+      kaiming_normal_(fan_out), i.e. variance_scaling(2.0, "fan_out", "normal").
   """
   features: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  kernel_init: Any = None
 
   @nn.compact
   def __call__(self, x):
     """x: (B, H, W, C_in) -> (B, 2H, 2W, features) in `dtype`."""
     batch, height, width, channels = x.shape
     # Each output pixel sees C_in inputs (one input pixel), hence std sqrt(2 / C_in).
-    kernel = self.param("kernel", nn.initializers.normal(math.sqrt(2.0 / channels)),
-                        (2, 2, channels, self.features), self.param_dtype)
+    kernel_init = self.kernel_init or nn.initializers.normal(math.sqrt(2.0 / channels))
+    kernel = self.param("kernel", kernel_init, (2, 2, channels, self.features), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
     x, kernel, bias = dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     # (C_in, a, b, C_out) with the kernel flipped, as a (C_in, 4 C_out) matrix.
