@@ -71,6 +71,17 @@ def resolve_implementation(implementation: str, op: str, available=("xla", "pall
   return implementation
 
 
+def unless_unsupported(requested: str, implementation: str, reason: str | None, op: str) -> str:
+  """`implementation`, or "xla" where the Pallas GPU kernel cannot take the call (`reason`)
+  and "auto" chose it; an explicit "pallas_gpu" gets a ValueError naming the reason."""
+  if implementation != "pallas_gpu" or not reason:
+    return implementation
+  if requested == "pallas_gpu":
+    raise ValueError(f"{op}: implementation='pallas_gpu' cannot take this call: {reason}. Use "
+                     f"'xla' (or 'auto', which falls back to it).")
+  return "xla"
+
+
 def interpret(implementation: str) -> bool:
   """Whether a Pallas implementation must run in interpret mode on this machine."""
   return _local_platform() != _PALLAS_PLATFORM[implementation]

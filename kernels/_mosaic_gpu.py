@@ -6,6 +6,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+# Shared memory one thread block may use on Hopper (227 KiB, opt-in maximum of sm_90); the
+# Mosaic GPU lowering rejects kernels whose scratch exceeds it.
+SMEM_BYTES = 232448
+
 try:  # public from jax 0.11 on
   _InterpretParams = plgpu.InterpretParams
 except AttributeError:

@@ -467,6 +467,19 @@ def _gpu_plan(static: _Static) -> _Plan:
                roi_align_mosaic_gpu.gpu_block_sizes(static.blocks, bins))
 
 
+def _unless_gpu_cannot(requested, implementation, shapes, dtype, out_h, out_w, blocks, op) -> str:
+  """"xla" instead of an "auto"-chosen "pallas_gpu" the Mosaic GPU kernels cannot take (their
+  limits: roi_align_mosaic_gpu.check_supported); ValueError for an explicit "pallas_gpu"."""
+  if implementation != "pallas_gpu":
+    return implementation
+  from kernels import roi_align_mosaic_gpu
+  for shape in shapes:
+    plan = _gpu_plan(_Static(tuple(shape), jnp.dtype(dtype), out_h, out_w, implementation, blocks))
+    reason = roi_align_mosaic_gpu.check_supported(plan, shape[-1], dtype)
+    implementation = _common.unless_unsupported(requested, implementation, reason, op)
+  return implementation
+
+
 def _forward_unbatched(static: _Static, features, geometry):
   if static.implementation == "xla":
     return _xla_forward(features, geometry, static.out_h, static.out_w)
@@ -597,7 +610,10 @@ def roi_align(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
   out_h, out_w = _common.pair(output_size, "roi_align: output_size")
   if not isinstance(sampling_ratio, int):
     raise ValueError(f"roi_align: sampling_ratio must be an int (<= 0 for adaptive), got {sampling_ratio!r}.")
+  requested = implementation
   implementation = _common.resolve_implementation(implementation, "roi_align", _IMPLEMENTATIONS)
+  implementation = _unless_gpu_cannot(requested, implementation, [features.shape], features.dtype,
+                                      out_h, out_w, block_sizes, "roi_align")
   geometry = box_geometry(boxes, box_indices, features.shape[0], (out_h, out_w), spatial_scale,
                           sampling_ratio, bool(aligned), active)
   static = _Static(tuple(features.shape), jnp.dtype(features.dtype), out_h, out_w, implementation,
@@ -653,8 +669,13 @@ def multilevel_roi_align(features_per_level: Sequence[jax.Array], boxes: jax.Arr
                      f"and C, got shapes {[jnp.shape(f) for f in features_per_level]}.")
   min_level = int(levels[0])
   assigned = fpn_levels(boxes, min_level, int(levels[-1]), canonical_box_size, canonical_level)
+  requested = implementation
   implementation = _common.resolve_implementation(implementation, "multilevel_roi_align",
                                                   _IMPLEMENTATIONS)
+  implementation = _unless_gpu_cannot(
+      requested, implementation, [f.shape for f in features_per_level],
+      features_per_level[0].dtype, *_common.pair(output_size, "multilevel_roi_align: output_size"),
+      block_sizes, "multilevel_roi_align")
   if implementation == "xla":
     return _xla_multilevel(features_per_level, boxes, box_indices, assigned - min_level,
                            output_size, strides, sampling_ratio, aligned)

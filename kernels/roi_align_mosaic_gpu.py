@@ -23,11 +23,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels._mosaic_gpu import _InterpretParams, _iota, _mma, _parts, _smem_transforms, _zeros
+from kernels._mosaic_gpu import (SMEM_BYTES, _InterpretParams, _iota, _mma, _parts,
+                                 _smem_transforms, _zeros)
 from kernels.roi_align import _box_params, _boxes_by_image, _round_up, _touches
 
 _BINS_BLOCK = 64          # wgmma's M granularity
 _CELLS_CHUNK = 64         # weights are computed this many tile cells at a time
+_MAX_BINS = 256           # the float32 accumulator (bins x channel block) lives in registers
 
 
 def _axis_weight(start, bin_size, grid, bin_index, cell, owned_from, size, n_out, interpret):
@@ -85,6 +87,26 @@ def gpu_block_sizes(blocks, bins):
   if bins > _BINS_BLOCK:
     return dataclasses.replace(blocks, rows=8, cols=8)
   return blocks
+
+
+def check_supported(plan, channels: int, dtype) -> str | None:
+  """Why the kernels cannot take a call with this plan (None: they can). Found by lowering for
+  CUDA: 28 x 28 outputs (Mask R-CNN's mask targets) need 557,120 bytes of shared memory."""
+  bins = _round_up(plan.out_h * plan.out_w, _BINS_BLOCK)
+  if bins > _MAX_BINS:
+    return (f"{plan.out_h}x{plan.out_w} outputs are more than {_MAX_BINS} bins (its float32 "
+            f"accumulator lives in registers)")
+  cells = plan.rows * plan.cols
+  num_parts = 3 if jnp.dtype(dtype) == jnp.float32 else 1
+  block = _channel_block(_round_up(channels, 64), bins, num_parts)
+  # scratch of `forward` / `backward` below: tiles and weights (bfloat16 parts), the float32
+  # output staging, 8-byte barriers
+  forward = num_parts * 2 * (cells * block + bins * cells) + bins * block * 4 + 8 * plan.rows
+  backward = num_parts * 2 * (bins * 64 + cells * bins) + cells * 64 * 4 + 8
+  if max(forward, backward) > SMEM_BYTES:
+    return (f"{plan.out_h}x{plan.out_w} outputs on {plan.rows}x{plan.cols} tiles need "
+            f"{max(forward, backward)} bytes of shared memory, more than {SMEM_BYTES}")
+  return None
 
 
 def _channel_block(channels, bins, num_parts):

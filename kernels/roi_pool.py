@@ -271,7 +271,13 @@ def roi_pool(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
   features, boxes, box_indices = jnp.asarray(features), jnp.asarray(boxes), jnp.asarray(box_indices)
   _common.check_box_arguments(features, boxes, box_indices, "roi_pool")
   out_h, out_w = _common.pair(output_size, "roi_pool: output_size")
+  requested = implementation
   implementation = _common.resolve_implementation(implementation, "roi_pool", ("xla", "pallas_tpu", "pallas_gpu"))
+  if implementation == "pallas_gpu":
+    from kernels import roi_pool_mosaic_gpu
+    reason = roi_pool_mosaic_gpu.check_supported(
+        _plan(features.shape, out_h, out_w, block_sizes), features.dtype)
+    implementation = _common.unless_unsupported(requested, implementation, reason, "roi_pool")
   bounds = bin_bounds(boxes, box_indices, features.shape, (out_h, out_w), spatial_scale)
   static = (tuple(features.shape), jnp.dtype(features.dtype), implementation, block_sizes)
   return _roi_pool(static, features, bounds)

@@ -15,10 +15,27 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.roi_align import _boxes_by_image, _round_up
-from kernels._mosaic_gpu import _InterpretParams
+from kernels._mosaic_gpu import SMEM_BYTES, _InterpretParams
 
 _LOWEST = float(jnp.finfo(jnp.float32).min)
 _MAX_BINS = 256  # a TMA box has at most 256 rows
+_BLOCK = 128     # channels per program: Mosaic GPU copies rows of at least 128 float32
+
+
+def check_supported(plan, dtype) -> str | None:
+  """Why the kernels cannot take a call with this plan (None: they can): at most 256 bins, and
+  the (bins, 128) maxima, indices and gradients plus a map tile must fit in shared memory
+  (found by lowering for CUDA: 10 x 10 bins on 16 x 16 tiles need 233,600 bytes)."""
+  bins, cells = plan.out_h * plan.out_w, plan.rows * plan.cols
+  if bins > _MAX_BINS:
+    return f"{plan.out_h}x{plan.out_w} outputs are more than {_MAX_BINS} bins"
+  # scratch of `forward` / `backward` below, with their 8-byte barriers
+  forward = cells * _BLOCK * jnp.dtype(dtype).itemsize + 2 * bins * _BLOCK * 4 + 8 * plan.rows
+  backward = cells * _BLOCK * 4 + 2 * bins * _BLOCK * 4 + 8
+  if max(forward, backward) > SMEM_BYTES:
+    return (f"{plan.out_h}x{plan.out_w} outputs on {plan.rows}x{plan.cols} tiles need "
+            f"{max(forward, backward)} bytes of shared memory, more than {SMEM_BYTES}")
+  return None
 
 
 def _bin_in_tile(tables, box, r, out_h, out_w, y_own, x_own, plan):
@@ -43,11 +60,7 @@ def forward(features, bounds, plan, tile_tables, interpret: bool):
   k, out_h = bounds.h_start.shape
   out_w = bounds.w_start.shape[1]
   bins = out_h * out_w
-  if bins > _MAX_BINS:
-    raise ValueError(f"roi_pool: implementation='pallas_gpu' takes at most {_MAX_BINS} bins, got "
-                     f"{out_h}x{out_w}; use implementation='xla'.")
-  padded_c = _round_up(c, 64)
-  block = 128 if padded_c % 128 == 0 else 64
+  padded_c, block = _round_up(c, _BLOCK), _BLOCK
   features = jnp.pad(features, ((0, 0), (0, max(plan.rows - h, 0)), (0, max(plan.cols - w, 0)),
                                 (0, padded_c - c)))
   map_h, map_w = features.shape[1:3]
@@ -121,8 +134,7 @@ def backward(shape, dtype, bounds, plan, tile_tables, in_image_index, grad_out, 
   spans, tables = tile_tables
   k, bins = in_image_index.shape[:2]
   out_h, out_w = bounds.h_start.shape[1], bounds.w_start.shape[1]
-  padded_c = _round_up(c, 64)
-  block = 128 if padded_c % 128 == 0 else 64
+  padded_c, block = _round_up(c, _BLOCK), _BLOCK
   pad = ((0, 0), (0, 0), (0, padded_c - c))
   in_image_index = jnp.pad(in_image_index, pad, constant_values=-1)
   grad_out = jnp.pad(grad_out.astype(jnp.float32), pad)

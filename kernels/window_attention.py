@@ -485,10 +485,8 @@ def window_attention(qkv: jax.Array, relative_position_bias_table: jax.Array, *,
   head_dim = qkv.shape[-1] // 3 // num_heads
   if implementation == "pallas_gpu":
     reason = _mgpu.check_supported(int(window_size), int(shift), head_dim, qkv.dtype)
-    if reason and requested == "pallas_gpu":
-      raise ValueError(f"window_attention: implementation='pallas_gpu' cannot take this call: "
-                       f"{reason}. Use 'xla' (or 'auto', which falls back to it).")
-    implementation = "xla" if reason else implementation
+    implementation = _common.unless_unsupported(requested, implementation, reason,
+                                                "window_attention")
   if implementation == "xla":
     return _xla_window_attention(qkv, relative_position_bias_table, num_heads=int(num_heads),
                                  window_size=int(window_size), shift=int(shift))

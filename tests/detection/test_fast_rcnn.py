@@ -327,3 +327,33 @@ def test_rpn_anchors_are_torchvisions_for_the_resized_image_in_input_pixels(imag
   np.testing.assert_allclose(anchors, expected, atol=1e-5)
   # Stride 16 / s input pixels: cell (0, 1)'s anchors are cell (0, 0)'s moved by 16 / s.
   np.testing.assert_allclose(anchors[9:18] - anchors[:9], np.tile([16 / image_scale, 0] * 2, (9, 1)))
+
+
+@pytest.mark.parametrize("implementation", ["pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("name, overrides, poolings", [
+    ("fast_rcnn_vgg16", (), 1), ("fast_rcnn_vgg16", (("pooling", "roi_align"),), 1),
+    ("fast_rcnn_vgg16", (("pooling", "spp"), ("spp_levels", (1, 2, 4))), 3),
+    ("faster_rcnn_vgg16", (), 1)])
+def test_training_step_lowers_for_gpu_and_tpu(implementation, name, overrides, poolings):
+  """jax.export of the training step (loss and gradients) for CUDA and TPU, the pooling kernels
+  lowered for real (conv5_3 has 8 channels here: the GPU RoI pooling kernel pads them to 128)."""
+  from tests.lowering import export, kernel_calls
+  model = zoo.create(name, **{**TINY, **(RPN if name == "faster_rcnn_vgg16" else EXTERNAL),
+                              **dict(overrides)})
+  task = Detection(3, rpn_batch_size_per_image=16, proposals=None if model.rpn else "generated")
+  variables = jax.eval_shape(lambda key: model.init(
+      {"params": key}, jnp.zeros((1, 64, 64, 3)), train=False), jax.random.key(0))
+
+  def step(variables, images, batch_targets):
+    def loss(params):
+      outputs, _ = model.apply({**variables, "params": params}, images, train=True,
+                               targets=batch_targets, rngs={"sampling": jax.random.key(3)})
+      return task.loss(outputs, {})[0]
+    return jax.value_and_grad(loss)(variables["params"])
+
+  shapes = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+  module = export(implementation, step, variables, shapes(images()), shapes(targets())).mlir_module()
+  # Forward kernels; the GPU also has backward kernels for RoI pooling (the TPU's is XLA's
+  # scatter-add) and both for RoIAlign.
+  backward = implementation == "pallas_gpu" or dict(overrides).get("pooling") == "roi_align"
+  assert kernel_calls(implementation, module) == poolings * (2 if backward else 1)

@@ -12,6 +12,7 @@ import pytest
 import zoo
 from zoo.detection import rcnn
 from zoo.detection.task import Detection
+from tests.lowering import export, kernel_calls
 
 TINY = dict(num_classes=3, width=4, norm="batch", frozen_stages=-1, fpn_channels=8,
             anchor_sizes=((8,), (16,), (32,), (64,), (128,)), rpn_pre_nms_top_n_train=64,
@@ -154,6 +155,37 @@ def test_mask_head_convolution_gradient_is_the_convolutions(kernel_size):
     for a, b in zip(ours, grads[1]):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(rcnn._same_conv(x, kernel), rcnn._same_conv_forward(x, kernel))
+
+
+@pytest.mark.parametrize("implementation", ["pallas_gpu", "pallas_tpu"])
+def test_training_step_and_inference_lower_for_gpu_and_tpu(implementation):
+  """jax.export of the whole Mask R-CNN training step (loss and gradients) and inference for
+  CUDA and TPU, kernels lowered for real: what interpret mode hides, e.g. the GPU RoIAlign's
+  shared memory for 28 x 28 mask targets (those run as xla on GPUs)."""
+  model = zoo.create("mask_rcnn_r50_fpn", **TINY)
+  task = Detection(3, masks=True, rpn_batch_size_per_image=32)
+  variables = jax.eval_shape(
+      lambda key: model.init({"params": key}, jnp.zeros((1, 64, 64, 3)), train=False),
+      jax.random.key(0))
+  images = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+  batch_targets = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), targets(batch=2))
+
+  def step(variables, images, batch_targets):
+    def loss(params):
+      (outputs, _), _ = model.apply({**variables, "params": params}, images, train=True,
+                                    targets=batch_targets, rngs={"sampling": jax.random.key(0)},
+                                    mutable=["batch_stats"])
+      return task.loss(outputs, {})[0]
+    return jax.value_and_grad(loss)(variables["params"])
+
+  infer = lambda variables, images: model.apply(variables, images, train=False)[0]
+  train_calls = kernel_calls(implementation, export(
+      implementation, step, variables, images, batch_targets).mlir_module())
+  infer_calls = kernel_calls(implementation, export(
+      implementation, infer, variables, images).mlir_module())
+  # RoIAlign kernels: box head (4 levels) and mask head (4 levels), forward and backward in
+  # training; the TPU also runs the 28 x 28 mask targets as a kernel.
+  assert (train_calls, infer_calls) == ((16, 8) if implementation == "pallas_gpu" else (17, 8))
 
 
 def test_image_sides_must_be_multiples_of_32():

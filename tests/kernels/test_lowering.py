@@ -8,34 +8,12 @@ generation, so the TPU export runs under an abstract mesh that names one (a v5e)
 Mosaic compilers' own passes run only on the hardware and are not covered here.
 """
 
-import contextlib
-import re
-
 import jax
 import jax.numpy as jnp
 import pytest
 
 import kernels
-
-_TPU_V5E = jax.sharding.AbstractMesh(
-    (1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
-        device_kind="TPU v5 lite", num_cores=1, platform="tpu"))
-
-# implementation -> (jax platform, export platform, the kernel's custom call target)
-_TARGETS = {"pallas_tpu": ("tpu", "tpu", "tpu_custom_call"),
-            "pallas_gpu": ("gpu", "cuda", "mosaic_gpu_v2")}
-
-
-def _export(implementation, fn, *args):
-  platform, export_platform, _ = _TARGETS[implementation]
-  mesh = jax.sharding.use_abstract_mesh(_TPU_V5E) if platform == "tpu" else contextlib.nullcontext()
-  with kernels.lowering_for(platform), mesh:
-    return jax.export.export(jax.jit(fn), platforms=[export_platform])(*args)
-
-
-def _kernel_calls(implementation, module):
-  target = _TARGETS[implementation][2]
-  return len(re.findall(rf"custom_call @{target}\b", module))
+from tests.lowering import export as _export, kernel_calls as _kernel_calls
 
 
 @pytest.mark.parametrize("implementation", ["pallas_tpu", "pallas_gpu"])
@@ -139,3 +117,39 @@ def test_window_attention_auto_picks_the_pallas_kernel(implementation):
   table = jax.ShapeDtypeStruct((169, 2), jnp.float32)
   fn = lambda qkv, table: kernels.window_attention(qkv, table, num_heads=2, window_size=7, shift=3)
   assert _kernel_calls(implementation, _export(implementation, fn, qkv, table).mlir_module()) == 1
+
+
+@pytest.mark.parametrize("op, output_size, channels, dtype, fits", [
+    ("roi_align", 16, 8, jnp.float32, True),      # 256 bins: the largest the GPU kernel takes
+    ("roi_align", 16, 256, jnp.bfloat16, True),
+    ("roi_align", 20, 8, jnp.float32, False),     # 400 bins: more than its register accumulator
+    ("roi_align", 28, 1, jnp.float32, False),     # Mask R-CNN's mask targets
+    ("roi_pool", 7, 8, jnp.float32, True),        # channels padded to 128 (Mosaic's row minimum)
+    ("roi_pool", 7, 64, jnp.bfloat16, True),
+    ("roi_pool", 9, 256, jnp.float32, True),      # 214,152 bytes of shared memory
+    ("roi_pool", 10, 256, jnp.float32, False),    # 233,600 bytes
+    ("roi_pool", 14, 64, jnp.bfloat16, False),
+])
+def test_gpu_support_check_agrees_with_the_mosaic_lowering(op, output_size, channels, dtype, fits):
+  """An explicit "pallas_gpu" either lowers for CUDA or gets our ValueError naming why, never
+  Mosaic's own error; "auto" then falls back to xla (no kernel call) and lowers."""
+  features = jax.ShapeDtypeStruct((2, 64, 64, channels), dtype)
+  boxes = jax.ShapeDtypeStruct((16, 4), jnp.float32)
+  box_indices = jax.ShapeDtypeStruct((16,), jnp.int32)
+
+  def loss_and_grad(implementation):
+    pool = getattr(kernels, op)
+    def run(features, boxes, box_indices):
+      loss = lambda f: pool(f, boxes, box_indices, output_size,
+                            implementation=implementation).astype(jnp.float32).sum()
+      return jax.value_and_grad(loss)(features)
+    return run
+
+  if fits:
+    module = _export("pallas_gpu", loss_and_grad("pallas_gpu"), features, boxes, box_indices)
+    assert _kernel_calls("pallas_gpu", module.mlir_module()) == 2
+    return
+  with pytest.raises(ValueError, match="implementation='pallas_gpu' cannot take this call"):
+    _export("pallas_gpu", loss_and_grad("pallas_gpu"), features, boxes, box_indices)
+  module = _export("pallas_gpu", loss_and_grad("auto"), features, boxes, box_indices)
+  assert _kernel_calls("pallas_gpu", module.mlir_module()) == 0
