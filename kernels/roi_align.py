@@ -596,7 +596,9 @@ def roi_align(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
     sampling_ratio: samples per bin along each axis; <= 0 means ceil(roi_size / output_size).
     aligned: shift boxes by -0.5 cell (pixel-centre model, ROIAlignV2); False is the
       Mask R-CNN paper's original, which also forces boxes to at least 1x1 cell.
-    implementation: "auto", "xla", "pallas_gpu" (Mosaic GPU, Hopper and newer) or "pallas_tpu".
+    implementation: "auto", "xla", "pallas_gpu" (Mosaic GPU, Hopper and newer; outputs of at
+      most 256 bins that fit its shared memory, roi_align_mosaic_gpu.check_supported: "auto"
+      uses xla for the others, e.g. Mask R-CNN's 28 x 28 mask targets) or "pallas_tpu".
     block_sizes: the Pallas kernels' map tile.
     active: optional (K,) bool; inactive boxes pool nothing (output 0) and cost nothing in the
       Pallas kernels.

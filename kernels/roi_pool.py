@@ -259,7 +259,9 @@ def roi_pool(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
     output_size: out_h = out_w, or (out_h, out_w).
     spatial_scale: feature cells per input pixel (1 / stride).
     implementation: "auto", "xla" (a loop over the cells of the largest bin, memory
-      K x out_h x out_w x C), "pallas_gpu" (Mosaic GPU, Hopper and newer) or "pallas_tpu".
+      K x out_h x out_w x C), "pallas_gpu" (Mosaic GPU, Hopper and newer; up to 98 bins (9 x 9) with
+      the default tile, roi_pool_mosaic_gpu.check_supported: "auto" uses xla beyond) or
+      "pallas_tpu".
     block_sizes: the Pallas kernel's map tile.
 
   Returns:

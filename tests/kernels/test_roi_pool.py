@@ -190,14 +190,16 @@ def test_bin_edges_of_every_small_integer_box(rng, seed, implementation):
 
 @pytest.mark.parametrize("implementation", with_implementations([()]))
 def test_bin_edges_follow_torchvision_float_arithmetic(rng, seed, implementation):
-  """A 57-cell box in 7 or 14 bins: torchvision's float kernel ends the last bin at
-  ceil(7 * float32(57 / 7)) = 58, one row and column past the box (exact arithmetic: 57)."""
+  """A 57-cell box in 7, 9 or 14 bins: torchvision's float kernel ends the last bin at
+  ceil(7 * float32(57 / 7)) = 58, one row and column past the box (exact arithmetic: 57).
+  (14 x 14 bins do not fit the GPU kernel's shared memory: check_supported, tested in
+  test_lowering.py; 9 x 9 do.)"""
   features = rng.standard_normal((1, 64, 64, 2)).astype(np.float32)
   for cell in (57, 59, 60):  # rows and columns just past the boxes
     features[0, cell, :, :] = 10.0 + cell
     features[0, :, cell, :] = 10.0 + cell
   boxes = np.array([[0, 0, 56, 56], [3, 2, 59, 58]], np.float32)
-  for output_size in (7, 14):
+  for output_size in (7, 9) if implementation == "pallas_gpu" else (7, 9, 14):
     check_against_reference(rng, seed, implementation, features, boxes, np.zeros(2, np.int32),
                             output_size)
 
