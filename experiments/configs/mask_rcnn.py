@@ -17,10 +17,12 @@ A narrow ResNet-50 (width 8) and FPN (32 channels) so it trains on a CPU; anchor
 pixels for 8..30-pixel digits on 64 x 64 canvases; everything else is torchvision's / detectron2's
 defaults scaled down (RPN 64 anchors and RoI heads 64 RoIs per image).
 
-Result, 2-core CPU shared with other jobs (load 10-15), jax 0.10.2, 2026-11-25, the command
-above: 1500 steps in 48 min (0.5-1.4 steps/s, batch 8) -> test box AP 0.199 (AP50 0.369,
-AP75 0.200), mask AP 0.133 (AP50 0.325); validation box AP 0.179, mask AP 0.121. Every digit
-is a COCO "small" object (< 32^2 pixels), so APm/APl are -1.
+Result, 2-core CPU (load ~1.5), jax 0.10.2, 2026-11-25, the command above at commit 8e0b19f:
+1500 steps in 5.4 min wall including compilation and three evaluations (median 5.5 steps/s,
+batch 8) -> test box AP 0.233 (AP50 0.415, AP75 0.240), mask AP 0.159 (AP50 0.372, AP75
+0.102); validation box AP 0.215, mask AP 0.147. Every digit is a COCO "small" object (< 32^2
+pixels), so APm/APl are -1. (Before the CPU speed-ups of the same day, under load 10-15: 48
+min, test box AP 0.199, mask AP 0.133; the runs differ in float rounding, not in the model.)
 """
 
 import ml_collections
