@@ -47,7 +47,6 @@ import importlib
 import inspect
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -56,7 +55,8 @@ import time
 
 from absl import flags
 
-from experiments.benchmarking import first_line, measured_bandwidth, time_ms
+from experiments.benchmarking import (cpu_peak_gflops, first_line, measured_bandwidth,
+                                     measured_matmul_gflops, time_ms)
 
 PARTS = ("kernel", "train")
 MODELS = {"swin_t": "swin_tiny_patch4_window7_224", "vit_b16": "vit_base_patch16_224"}
@@ -115,30 +115,14 @@ def peak_tflops(jax, jnp, platform, dtype) -> tuple[float, str]:
   """The device's peak for the FLOP floor, and how it was obtained."""
   if PEAK_TFLOPS.value:
     return PEAK_TFLOPS.value, "--peak_tflops"
-  n = 2048 if platform == "cpu" else 8192
-  a = jnp.ones((n, n), dtype if platform != "cpu" else jnp.float32)
-  matmul = jax.jit(lambda a: a @ a)
-  matmul(a).block_until_ready()
-  best = float("inf")
-  for _ in range(5):
-    start = time.perf_counter()
-    matmul(a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  measured = 2 * n**3 / best / 1e12
   if platform != "cpu":
-    return measured, f"a {n}^3 {jnp.dtype(a.dtype).name} matmul (--peak_tflops for the datasheet)"
-  info = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-  mhz = re.search(r"cpu MHz\s*:\s*([\d.]+)", info)
-  cpu_flags = set((re.search(r"^flags\s*:(.*)$", info, re.M) or re.match("()", "")).group(1).split())
-  family = re.search(r"cpu family\s*:\s*(\d+)", info)
-  zen_halves = "AuthenticAMD" in info and family and int(family.group(1)) <= 0x19
-  lanes = 16 if "avx512f" in cpu_flags and not zen_halves else 8 if cpu_flags & {"avx", "avx2",
-                                                                                    "avx512f"} else 4
-  cores, ghz = len(os.sched_getaffinity(0)), float(mhz.group(1)) / 1000 if mhz else 2.0
-  nominal = cores * ghz * lanes * 2 * 2 / 1e3
-  return max(nominal, measured), (f"{cores} cores x {ghz:.2f} GHz x {lanes} fp32 lanes x 2 FMA "
-                                  f"pipes x 2 = {nominal * 1e3:.0f} GFLOP/s nominal; a {n}^3 "
-                                  f"matmul ran at {measured * 1e3:.0f}")
+    n = 8192
+    measured = measured_matmul_gflops(jax, jnp, n, dtype) / 1e3
+    return measured, f"a {n}^3 {jnp.dtype(dtype).name} matmul (--peak_tflops for the datasheet)"
+  measured = measured_matmul_gflops(jax, jnp) / 1e3
+  nominal, how = cpu_peak_gflops()
+  return max(nominal / 1e3, measured), (f"{how} = {nominal:.0f} GFLOP/s nominal; a 2048^3 matmul "
+                                        f"ran at {measured * 1e3:.0f}")
 
 
 class Table:
