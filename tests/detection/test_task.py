@@ -26,14 +26,17 @@ def random_outputs(rng, b=4, g=3, d=5, size=24, classes=3):
   gt_valid[0] = False                                  # an image without objects
   valid = rng.random((b, d)) < 0.8
   valid[1] = False                                     # an image without detections
-  # Some detections are noisy copies of ground truth so the AP is not trivially 0.
-  det_boxes[:, :g] = gt_boxes + rng.normal(0, 0.5, gt_boxes.shape).astype(np.float32)
-  det_masks[:, :g] = gt_masks ^ (rng.random(gt_masks.shape) < 0.05)
+  gt_labels = rng.integers(1, classes + 1, (b, g)).astype(np.int32)
+  det_classes = rng.integers(1, classes + 1, (b, d)).astype(np.int32)
+  # The first detections of the last two images are copies of their ground truth (noisy boxes,
+  # exact masks, right classes), so neither AP can be 0 by chance.
+  gt_valid[2:] = valid[2:, :g] = True
+  det_boxes[2:, :g] = gt_boxes[2:] + rng.normal(0, 0.3, gt_boxes[2:].shape).astype(np.float32)
+  det_masks[2:, :g] = gt_masks[2:]
+  det_classes[2:, :g] = gt_labels[2:]
   return {"boxes": det_boxes, "scores": rng.random((b, d)).astype(np.float32),
-          "classes": rng.integers(1, classes + 1, (b, d)).astype(np.int32), "valid": valid,
-          "masks": det_masks, "gt_boxes": gt_boxes,
-          "gt_labels": rng.integers(1, classes + 1, (b, g)).astype(np.int32), "gt_valid": gt_valid,
-          "gt_masks": gt_masks}
+          "classes": det_classes, "valid": valid, "masks": det_masks, "gt_boxes": gt_boxes,
+          "gt_labels": gt_labels, "gt_valid": gt_valid, "gt_masks": gt_masks}
 
 
 def test_compacted_batches_give_the_summary_of_the_dense_split():

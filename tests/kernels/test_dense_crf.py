@@ -74,7 +74,13 @@ def test_forward_matches_brute_force(rng, case, potts):
   q = kernels.dense_crf(logits, image, iterations=5, compatibility=mu, implementation="xla", **params)
   expected = crf_reference.dense_crf(logits, image, 5, compatibility=mu, **params)
   assert q.shape == logits.shape and q.dtype == jnp.float32
-  np.testing.assert_allclose(q, expected, rtol=1e-4, atol=2e-5)
+  # Mean field near a tie amplifies rounding (some random scenes move Q by 1e-4 in float32):
+  # the tolerance grows with how far the float64 reference itself moves when the logits move
+  # by one float32 rounding (relative 6e-8), times 100 for the roundings along 5 iterations.
+  moved = crf_reference.dense_crf(logits * (1 + 6e-8 * rng.standard_normal(logits.shape)), image,
+                                  5, compatibility=mu, **params)
+  atol = 2e-5 + 100 * np.abs(moved - expected).max()
+  np.testing.assert_allclose(q, expected, rtol=1e-4, atol=atol)
   np.testing.assert_allclose(np.sum(q, axis=-1), 1.0, atol=1e-5)
   # The CRF changes the unaries' answer (the test would not notice a missing pairwise term).
   assert np.abs(expected - crf_reference.softmax(logits.astype(np.float64))).max() > 1e-2

@@ -84,7 +84,8 @@ def test_gradients_match_numpy_for_a_non_potts_compatibility():
     q = numpy_mean_field(logits, image * 255.0, iterations=3, pos_w=softplus(pos_raw), pos_xy_std=1.5,
                          bi_w=softplus(bi_raw), bi_xy_std=4.0, bi_rgb_std=20.0,
                          compatibility=compatibility)
-    return np.sum(weights * np.log(q))
+    # The layer's log Q is clamped at float32's smallest normal (module doc): so is this one.
+    return np.sum(weights * np.log(np.maximum(q, np.finfo(np.float32).tiny)))
 
   np.testing.assert_allclose(
       jax.jit(loss)(params, jnp.float32(logits)),
