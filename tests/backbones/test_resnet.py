@@ -2,8 +2,6 @@
 frozen BN / stages, and forward and gradients against a float64 NumPy transcription of
 torchvision's ResNet/Bottleneck."""
 
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,10 +10,8 @@ import pytest
 
 from zoo.backbones import RESNET_BLOCKS, ResNet
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "layers"))
-import caffe_reference as caffe  # noqa: E402
-import numpy_reference as ref  # noqa: E402
+from tests.backbones import caffe_reference as caffe
+from tests.layers import numpy_reference as ref
 
 
 def _abstract_init(model, shape):

@@ -1,8 +1,6 @@
 """VGG-16 backbone: torchvision's parameter count, Caffe pooling arithmetic, the FCN and
 DeepLab-LargeFOV layouts' shapes, and forward/gradients against a float64 NumPy transcription."""
 
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,10 +10,8 @@ import pytest
 from zoo.backbones import VGG16
 from zoo.backbones.vgg import caffe_pool, caffe_pool_size
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "layers"))
-import caffe_reference as caffe  # noqa: E402
-import numpy_reference as ref  # noqa: E402
+from tests.backbones import caffe_reference as caffe
+from tests.layers import numpy_reference as ref
 
 TINY = dict(widths=(2, 3, 2, 3, 2), fc_width=3)
 

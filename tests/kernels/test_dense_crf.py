@@ -2,7 +2,7 @@
 pixels, full N x N kernels), forward and gradients (central finite differences of the float64
 reference), on fresh random inputs; the Pallas TPU kernel in interpret mode against both.
 
-Each test prints its random seed (shown when it fails); KERNEL_TEST_SEED=<seed> replays it.
+Each test prints its random seed (shown when it fails); ZOO_TEST_SEED=<base seed> replays it (tests/conftest.py).
 """
 
 import contextlib

@@ -4,7 +4,7 @@ torchvision's C++ kernels (roi_reference.py), forward and backward, on fresh ran
 Every implementation is tested; on a CPU the Pallas ones run in interpret mode, which is slow,
 so most of their cases are marked slow (`python -m pytest -m "slow or not slow"`) and the
 default run keeps a few (every kind of box, bfloat16, jit/vmap/grad). Each test prints its
-random seed (shown when it fails); KERNEL_TEST_SEED=<seed> replays it.
+random seed (shown when it fails); ZOO_TEST_SEED=<base seed> replays it (tests/conftest.py).
 """
 
 import functools
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 import kernels
-import roi_reference as ref
-import roi_testing
-from roi_testing import IMPLEMENTATIONS, with_implementations
+from tests.kernels import roi_reference as ref
+from tests.kernels import roi_testing
+from tests.kernels.roi_testing import IMPLEMENTATIONS, with_implementations
 
 
 def assert_close(actual, expected, seed, what, rtol=1e-5, atol=1e-5):

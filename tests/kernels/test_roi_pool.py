@@ -4,7 +4,7 @@ inputs, ties included.
 
 As in test_roi_align.py: every implementation is tested, most Pallas cases are marked slow
 (interpret mode on a CPU), each test
-prints its random seed and KERNEL_TEST_SEED=<seed> replays it.
+prints its random seed and ZOO_TEST_SEED=<base seed> replays it (tests/conftest.py).
 """
 
 import functools
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 import kernels
-import roi_reference as ref
-import roi_testing
-from roi_testing import IMPLEMENTATIONS, with_implementations
+from tests.kernels import roi_reference as ref
+from tests.kernels import roi_testing
+from tests.kernels.roi_testing import IMPLEMENTATIONS, with_implementations
 
 
 def assert_close(actual, expected, seed, what, rtol=1e-6, atol=1e-6):

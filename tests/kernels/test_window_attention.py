@@ -3,7 +3,7 @@
 partition and attention mask, WindowAttention from after `qkv` to before `proj`, window
 reverse and roll back), forward and backward, on fresh random inputs.
 
-Each test prints its random seed (shown when it fails); KERNEL_TEST_SEED=<seed> replays it.
+Each test prints its random seed (shown when it fails); ZOO_TEST_SEED=<base seed> replays it (tests/conftest.py).
 """
 
 import functools

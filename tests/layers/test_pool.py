@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import numpy_reference as ref
+from tests.layers import numpy_reference as ref
 from zoo.layers.pool import max_pool_2x2
 
 plain = jax.jit(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import numpy_reference as ref
+from tests.layers import numpy_reference as ref
 from zoo.layers.upsample import UpConvolution, upsample_bilinear_2x
 
 

@@ -2,8 +2,6 @@
 output strides 8 and 16, torchvision's parameter count for DeepLab v3, the ASPP heads against
 float64 NumPy transcriptions (forward and gradients), and the CRF modes."""
 
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,10 +12,8 @@ import zoo
 from zoo.segmentation import deeplab as deeplab_lib
 from zoo.segmentation.crf import DenseCRF
 
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "backbones"))
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "layers"))
-import caffe_reference as caffe  # noqa: E402
-import numpy_reference as ref  # noqa: E402
+from tests.backbones import caffe_reference as caffe
+from tests.layers import numpy_reference as ref
 
 TINY_RESNET = dict(resnet_blocks=(1, 1, 1, 1), resnet_width=2)
 

@@ -3,8 +3,6 @@ bilinear initialisation against FCN's upsample_filt, output size = input size, p
 alignment (impulses through an identity path, against the receptive-field geometry), and the
 whole net's forward and gradients against a float64 NumPy transcription of the release."""
 
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +13,8 @@ import zoo
 from zoo.segmentation import fcn as fcn_lib
 from zoo.segmentation.fcn import FCN
 
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "backbones"))
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "layers"))
-import caffe_reference as caffe  # noqa: E402
-import numpy_reference as ref  # noqa: E402
+from tests.backbones import caffe_reference as caffe
+from tests.layers import numpy_reference as ref
 
 TINY = dict(widths=(2, 3, 2, 3, 2), fc_width=3)
 

@@ -1,8 +1,6 @@
 """U-Net: shapes (SAME, VALID, the paper's 572 -> 388), parameter count, clear input errors, and
 the whole forward pass and its gradients against a float64 NumPy transcription of the paper."""
 
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +10,7 @@ import pytest
 import zoo
 from zoo.segmentation.unet import UNet
 
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "layers"))
-import numpy_reference as ref  # noqa: E402  (shared with tests/layers)
+from tests.layers import numpy_reference as ref  # shared with tests/layers
 
 
 def _abstract_init(model, shape):

@@ -12,7 +12,7 @@ import pytest
 import scipy.special
 
 import zoo
-from test_swin import _region_mask, _relative_position_index, _unwindows, _windows
+from tests.transformers.test_swin import _region_mask, _relative_position_index, _unwindows, _windows
 
 CONFIG = dict(img_size=32, patch_size=2, num_classes=5, embed_dim=12, depths=(2, 2),
               num_heads=(3, 3), window_size=4, drop_path_rate=0.0)
