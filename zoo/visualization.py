@@ -41,11 +41,19 @@ def pad_to_center(segmentation, shape, fill: int = 255):
   return canvas
 
 
+def enlarge(image, scale: int = 4):
+  """(H, W, 3) uint8 -> (scale H, scale W, 3), nearest neighbour, so pixels stay pixels."""
+  return np.kron(np.asarray(image), np.ones((scale, scale, 1), np.uint8))
+
+
 def side_by_side(panels, scale: int = 4, gap: int = 4):
-  """Concatenates equally tall (H, W, 3) uint8 panels horizontally, each enlarged `scale`x
-  (nearest neighbour, so pixels stay pixels), separated by white gaps."""
-  enlarged = [np.kron(p, np.ones((scale, scale, 1), np.uint8)) for p in panels]
-  height = enlarged[0].shape[0]
+  """Concatenates (H, W, 3) uint8 panels horizontally, each enlarged `scale`x (nearest
+  neighbour, so pixels stay pixels), separated by white gaps; shorter panels are padded
+  white at the bottom."""
+  enlarged = [enlarge(p, scale) for p in panels]
+  height = max(p.shape[0] for p in enlarged)
+  enlarged = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0)), constant_values=255)
+              for p in enlarged]
   spacer = np.full((height, gap, 3), 255, np.uint8)
   row = []
   for panel in enlarged:
@@ -86,8 +94,7 @@ def draw_detections(image, boxes, classes, valid, scores=None, masks=None, scale
     for d in order:
       m = np.asarray(masks[d], bool)[..., None]
       canvas = np.where(m, (1 - alpha) * canvas + alpha * colours[d], canvas)
-  enlarged = np.kron(canvas.round().astype(np.uint8), np.ones((scale, scale, 1), np.uint8))
-  picture = Image.fromarray(enlarged)
+  picture = Image.fromarray(enlarge(canvas.round().astype(np.uint8), scale))
   draw = ImageDraw.Draw(picture)
   for d in order:
     x1, y1, x2, y2 = (float(v) * scale for v in boxes[d])

@@ -8,7 +8,7 @@ from zoo.detection.task import Detection
 
 
 def random_outputs(rng, b=4, g=3, d=5, size=24, classes=3):
-  """Padded eval outputs as Detection.eval_sums gives them: objects and detections with masks."""
+  """Padded eval outputs as Detection.eval_outputs gives them: objects and detections with masks."""
   def boxes_and_masks(n):
     xy = rng.integers(0, size - 6, (b, n, 2))
     wh = rng.integers(3, 10, (b, n, 2))
@@ -44,7 +44,7 @@ def test_compacted_batches_give_the_summary_of_the_dense_split():
   task = Detection(3, masks=True)
   dense = random_outputs(rng)
   halves = [{k: v[s] for k, v in dense.items()} for s in (slice(0, 2), slice(2, 4))]
-  compact = [task.compact_eval_outputs(h) for h in halves]
+  compact = [task.compact(h) for h in halves]
   assert compact[0]["masks"].dtype == object and compact[0]["masks"][1, 0] is None
   concatenated = jax.tree.map(lambda *xs: np.concatenate(xs), *compact)   # the trainer's way
   summary = task.summarize(concatenated)
@@ -60,7 +60,7 @@ def test_mask_ap_equals_pycocotools():
   rng = np.random.default_rng()
   task = Detection(3, masks=True)
   g = random_outputs(rng)
-  summary = task.summarize(task.compact_eval_outputs(g))
+  summary = task.summarize(task.compact(g))
 
   def rle(mask):
     code = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))

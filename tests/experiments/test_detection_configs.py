@@ -33,7 +33,7 @@ def test_variant_resolves_and_builds(module, variant):
   assert config.model.num_classes == config.task.num_classes
   assert config.optimizer.warmup_steps < config.total_steps
   create_model(config.model)
-  training.tasks.create_task(config.task)
+  training.task.create_task(config.task)
 
 
 @pytest.mark.parametrize("module", [mask_rcnn, fast_rcnn, fcn, deeplab])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from zoo.segmentation.crf import DenseCRF
-from zoo.training.tasks import SemanticSegmentation
+from zoo.segmentation.task import SemanticSegmentation
 
 SETTINGS = dict(iterations=3, pos_xy_std=1.5, bi_xy_std=4.0, bi_rgb_std=20.0, image_scale=255.0,
                 implementation="xla")

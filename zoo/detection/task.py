@@ -8,21 +8,18 @@ Losses are detectron2's defaults, from the targets the model sampled (zoo.detect
   gt-class deltas summed and divided by the number of sampled RoIs;
 - mask head: per-pixel binary cross-entropy of the positive RoIs' gt-class masks (mean).
 
-Evaluation collects every image's detections (the trainer concatenates them over the split:
-`eval_concatenates`) and computes COCO's box AP (and mask AP with masks) on them with
+Evaluation collects every image's detections (a ConcatenatingEvaluator joins them over the
+split) and computes COCO's box AP (and mask AP with masks) on them with
 `zoo.metrics`. Category ids are the dataset labels + 1 (0 is the model's background). Masks
 leave the device pasted and thresholded, (B, D, H, W) per batch, and are kept on the host as
-COCO run-length codes of the valid detections and objects only (`compact_eval_outputs`), so a
+COCO run-length codes of the valid detections and objects only (`compact`), so a
 split's masks take about what its COCO result file would (COCO val at 800 x 800 as dense
 masks would be 5000 x 100 x 800 x 800 bytes).
 
 `proposals` says where a model without an RPN (Fast R-CNN, zoo.detection.fast_rcnn) gets its
-regions, in training and in evaluation (`model_eval_targets`):
-- "data": the batch's `proposals` and `proposals_valid` (a proposal file joined to the data
-  source: `--config.data.proposals=FILE`, zoo.data.proposal_files);
-- "generated": the batch's `id` and ground truth, from which the model generates the embedded
-  data's stand-in proposals (zoo.detection.proposals);
-- None: the model proposes its own (an RPN).
+regions: "data" = the batch's `proposals` and `proposals_valid` (a proposal file joined to the
+data source, or the embedded data's stand-in proposals: `config.data.proposals`), handed to the
+model as keyword arguments in training and evaluation; None = the model proposes its own (an RPN).
 """
 
 import jax
@@ -31,7 +28,9 @@ import numpy as np
 import optax
 
 from zoo.detection.rcnn import paste_masks
+from zoo import visualization
 from zoo.metrics import coco
+from zoo.training.task import ConcatenatingEvaluator, Task, register_task
 
 
 def _l1(x, y, weight):
@@ -40,26 +39,38 @@ def _l1(x, y, weight):
   return jnp.sum(jnp.where(weight, jnp.abs(x - y).sum(-1), 0.0))
 
 
-class Detection:
-  """Faster R-CNN / Mask R-CNN losses and COCO evaluation (module doc)."""
+@register_task("detection")
+class Detection(Task):
+  """Faster R-CNN / Mask R-CNN losses and COCO evaluation (module doc).
 
-  eval_concatenates = True
+  The model gets `images` (B, H, W, 3); in training also `targets` {boxes (B, M, 4),
+  labels (B, M), objects_valid (B, M), instance_masks (B, M, H, W) with masks}, which it
+  samples anchors and RoIs against; with `proposals="data"` also `proposals` (B, P, 4) and
+  `proposals_valid` (B, P), in training and evaluation.
+  """
 
   def __init__(self, num_classes: int, masks: bool = False, rpn_batch_size_per_image: int = 256,
                proposals: str | None = None):
-    sources = {None: (), "generated": ("id",), "data": ("proposals", "proposals_valid")}
-    if proposals not in sources:
-      raise ValueError(f"Detection proposals must be None (an RPN), 'generated' or 'data'; got "
-                       f"{proposals!r}.")
+    if proposals not in (None, "data"):
+      raise ValueError(f"Detection proposals must be None (the model's RPN proposes) or 'data' "
+                       f"(the batch's proposals: set config.data.proposals); got {proposals!r}.")
     self.num_classes = num_classes
     self.masks = masks
     self.rpn_batch_size_per_image = rpn_batch_size_per_image
-    self.features = ("image", "boxes", "labels", "objects_valid") + (
-        ("instance_masks",) if masks else ()) + sources[proposals]
-    self.model_targets = self.features[1:]
-    # Keys the model also gets in evaluation (the trainer's eval_step passes them as targets=).
-    self.model_eval_targets = (sources[proposals] if proposals == "data" else
-                               self.model_targets if proposals else ())
+    self.proposals = proposals
+    self._targets = ("boxes", "labels", "objects_valid") + (("instance_masks",) if masks else ())
+
+  @property
+  def features(self):
+    return ("image",) + self._targets + (("proposals", "proposals_valid") if self.proposals else ())
+
+  def model_inputs(self, batch, *, train):
+    inputs = {"images": batch["image"]}
+    if self.proposals:
+      inputs.update(proposals=batch["proposals"], proposals_valid=batch["proposals_valid"])
+    if train:
+      inputs["targets"] = {k: batch[k] for k in self._targets}
+    return inputs
 
   def loss(self, outputs, batch):
     box = outputs["box"]
@@ -82,8 +93,8 @@ class Detection:
     total = sum(losses.values())
     return total, dict(losses, loss=total)
 
-  def eval_sums(self, detections, batch):
-    """Per-image detections and ground truth, concatenated over the split by the trainer."""
+  def eval_outputs(self, detections, batch):
+    """Per-image detections and ground truth, concatenated over the split by the evaluator."""
     out = {k: detections[k] for k in ("boxes", "scores", "classes", "valid")}
     out["valid"] = out["valid"] & batch["example_valid"][:, None]
     out.update(gt_boxes=batch["boxes"], gt_labels=batch["labels"] + 1,
@@ -95,7 +106,7 @@ class Detection:
       out["gt_masks"] = batch["instance_masks"]
     return out
 
-  def compact_eval_outputs(self, outputs: dict) -> dict:
+  def compact(self, outputs: dict) -> dict:
     """One batch's eval outputs on the host with the masks as RLE (module doc).
 
     "masks" (B, D, H, W) and "gt_masks" (B, G, H, W) become object arrays (B, D) / (B, G) of
@@ -115,8 +126,8 @@ class Detection:
 
   def summarize(self, gathered) -> dict:
     g = {k: np.asarray(v) for k, v in gathered.items()}
-    if self.masks and g["gt_masks"].dtype != object:   # called without the trainer's compaction
-      g = {k: np.asarray(v) for k, v in self.compact_eval_outputs(g).items()}
+    if self.masks and g["gt_masks"].dtype != object:   # called without the evaluator's compaction
+      g = {k: np.asarray(v) for k, v in self.compact(g).items()}
     gt_areas = g["gt_areas"] if self.masks else None
     result = {f"box_{k}": v for k, v in coco.coco_evaluate_padded(
         g["gt_boxes"], g["gt_labels"], g["gt_valid"], g["boxes"], g["scores"], g["classes"],
@@ -145,5 +156,28 @@ class Detection:
     ground_truth = {"images": images, "annotations": annotations, "categories": categories}
     return coco.coco_evaluate(ground_truth, detections, iou_type="segm")
 
-  def predict(self, detections):
-    return detections
+  def evaluator(self):
+    return ConcatenatingEvaluator(self.summarize, self.compact)
+
+  def predictions(self, detections, batch):
+    """The detections, with masks pasted into the image (B, D, H, W) float in [0, 1]."""
+    if not self.masks:
+      return detections
+    size = batch["image"].shape[1:3]
+    pasted = jax.vmap(lambda m, b: paste_masks(m, b, size))(detections["masks"], detections["boxes"])
+    return dict(detections, masks=pasted)
+
+  def draw(self, batch, detections, index, class_names=None):
+    """image | ground truth boxes and masks | detections (boxes, class, score, masks), each
+    enlarged 4x. `class_names` are indexed by the detector's classes (0 = background)."""
+    image = batch["image"][index]
+    masks = batch.get("instance_masks")
+    truth = visualization.draw_detections(
+        image, batch["boxes"][index], batch["labels"][index] + 1, batch["objects_valid"][index],
+        masks=None if masks is None else masks[index], class_names=class_names)
+    pasted = np.asarray(detections["masks"][index]) >= 0.5 if "masks" in detections else None
+    found = visualization.draw_detections(
+        image, detections["boxes"][index], detections["classes"][index],
+        detections["valid"][index], scores=detections["scores"][index], masks=pasted,
+        class_names=class_names)
+    return [visualization.enlarge(visualization.to_uint8(image)), truth, found]

@@ -39,3 +39,24 @@ class MetricWriter:
 def _format(value) -> str:
   value = float(value)
   return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+
+
+def read_scalars(workdir: str, name: str = "train") -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} of the scalars a MetricWriter wrote to `<workdir>/tensorboard/<name>`
+  (every event file there; a resumed run's later value of a step wins)."""
+  import glob
+  import struct
+  from tensorboardX.proto import event_pb2
+
+  scalars = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "tensorboard", name, "events*"))):
+    with open(path, "rb") as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):  # TFRecord framing: length, its CRC, payload, payload CRC.
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+  return scalars

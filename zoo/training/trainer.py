@@ -1,8 +1,11 @@
 """The generic trainer: one jitted train step, a data-parallel mesh, Orbax checkpoints.
 
-    state = create_train_state(...)            # or restored from the workdir
-    state, metrics = train_step(state, batch)  # one XLA program, batch sharded over `data`
-    sums = eval_step(state, batch)             # task totals, summed over a split
+    state = create_train_state(model, optimizer, rng, task.model_inputs(first_batch, train=False))
+    state, metrics = train_step(state, batch, rng)  # one XLA program, batch sharded over `data`
+    outputs = eval_step(state, batch)               # task.eval_outputs, fed to task.evaluator()
+
+The model is called as `model.apply(variables, **task.model_inputs(batch, train=...), train=...)`
+(zoo.training.task): the trainer knows nothing of images, pairs or sequences.
 
 `train_and_evaluate(config, workdir)` runs the loop: logging with step rate and ETA,
 TensorBoard summaries, checkpoints every `checkpoint_every` steps (and on SIGTERM),
@@ -33,7 +36,7 @@ from zoo.training import checkpoint as checkpoint_lib
 from zoo.training import mesh as mesh_lib
 from zoo.training.optimizer import make_optimizer
 from zoo.training.summaries import MetricWriter
-from zoo.training.tasks import Task, create_task
+from zoo.training.task import Task, create_task
 
 
 @flax.struct.dataclass
@@ -63,23 +66,14 @@ def create_model(model_config) -> nn.Module:
 
 
 def create_train_state(model: nn.Module, optimizer: optax.GradientTransformation, rng,
-                       example_images) -> TrainState:
-  """Initialises parameters from `rng` for inputs shaped like `example_images` (1, H, W, C)."""
-  variables = dict(model.init({"params": rng, "dropout": rng}, example_images, train=False))
+                       model_inputs: dict) -> TrainState:
+  """Initialises parameters from `rng` for inputs shaped like `model_inputs` (the keyword
+  arguments of `model.apply`, e.g. `task.model_inputs(example_batch, train=False)`)."""
+  rngs = {"params": rng, "dropout": rng, "sampling": rng}
+  variables = dict(model.init(rngs, **model_inputs, train=False))
   params = variables.pop("params")
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
                     opt_state=optimizer.init(params))
-
-
-def _model_targets(task: Task, batch: dict, attribute: str) -> dict:
-  """{"targets": the batch keys `task.<attribute>` names} for model.apply, or {} if none.
-
-  A task may hand the model some of the batch: a detector samples RoIs against the ground
-  truth in training (`model_targets`), Fast R-CNN gets its proposals in evaluation and
-  prediction too (`model_eval_targets`).
-  """
-  keys = getattr(task, attribute, ())
-  return {"targets": {k: batch[k] for k in keys}} if keys else {}
 
 
 def train_step(state: TrainState, batch: dict, rng, *, model: nn.Module, task: Task,
@@ -88,16 +82,16 @@ def train_step(state: TrainState, batch: dict, rng, *, model: nn.Module, task: T
   step_rng = jax.random.fold_in(rng, state.step)
   mutable = list(state.model_state)
 
-  kwargs = _model_targets(task, batch, "model_targets")
+  inputs = task.model_inputs(batch, train=True)
   rngs = {"dropout": step_rng, "sampling": jax.random.fold_in(step_rng, 1)}
 
   def loss_fn(params):
     variables = {"params": params, **state.model_state}
     if mutable:
       (outputs, _), new_model_state = model.apply(
-          variables, batch["image"], train=True, mutable=mutable, rngs=rngs, **kwargs)
+          variables, **inputs, train=True, mutable=mutable, rngs=rngs)
     else:
-      outputs, _ = model.apply(variables, batch["image"], train=True, rngs=rngs, **kwargs)
+      outputs, _ = model.apply(variables, **inputs, train=True, rngs=rngs)
       new_model_state = {}
     loss, metrics = task.loss(outputs, batch)
     return loss, (metrics, new_model_state)
@@ -110,18 +104,20 @@ def train_step(state: TrainState, batch: dict, rng, *, model: nn.Module, task: T
   return new_state, metrics
 
 
+def _inference(state: TrainState, batch: dict, model: nn.Module, task: Task):
+  outputs, _ = model.apply({"params": state.params, **state.model_state},
+                           **task.model_inputs(batch, train=False), train=False)
+  return outputs
+
+
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module, task: Task):
-  """The task's additive evaluation totals for one batch."""
-  outputs, _ = model.apply({"params": state.params, **state.model_state}, batch["image"],
-                           train=False, **_model_targets(task, batch, "model_eval_targets"))
-  return task.eval_sums(outputs, batch)
+  """`task.eval_outputs` of one batch (what the task's evaluator takes)."""
+  return task.eval_outputs(_inference(state, batch, model, task), batch)
 
 
-def predict_step(state: TrainState, images, batch: dict, *, model: nn.Module, task: Task):
-  """The task's predictions; `batch` holds (at least) the keys of `task.model_eval_targets`."""
-  outputs, _ = model.apply({"params": state.params, **state.model_state}, images, train=False,
-                           **_model_targets(task, batch, "model_eval_targets"))
-  return task.predict(outputs)
+def predict_step(state: TrainState, batch: dict, *, model: nn.Module, task: Task):
+  """`task.predictions` of one batch (what the task draws)."""
+  return task.predictions(_inference(state, batch, model, task), batch)
 
 
 class Experiment:
@@ -149,7 +145,8 @@ class Experiment:
         donate_argnums=0)
     self._eval_step = jax.jit(functools.partial(eval_step, model=self.model, task=self.task),
                               in_shardings=(replicated, batched), out_shardings=replicated)
-    self._predict_step = jax.jit(functools.partial(predict_step, model=self.model, task=self.task))
+    self._predict_step = jax.jit(functools.partial(predict_step, model=self.model, task=self.task),
+                                 in_shardings=(replicated, batched), out_shardings=replicated)
 
   def data_source(self, split: str):
     data = self.config.data
@@ -168,15 +165,19 @@ class Experiment:
         self.data_source(data.train_split), global_batch_size=self.config.batch_size,
         seed=self.config.seed, augment=tuple(data.augment), **self.batch_layout())
 
-  def example_images(self):
-    image = np.asarray(self.data_source(self.config.data.train_split)[0]["image"])
-    return jnp.zeros((1, *image.shape), jnp.float32)
+  def example_inputs(self) -> dict:
+    """The model's inputs for one unaugmented training example: parameters are
+    initialised from their shapes."""
+    batch = next(iter(pipeline.eval_batches(
+        self.data_source(self.config.data.train_split),
+        global_batch_size=jax.process_count(), **self.batch_layout())))
+    return self.task.model_inputs(batch, train=False)
 
   def abstract_state(self) -> TrainState:
     """The state's shapes and dtypes, replicated over the mesh, without computing it."""
     init_rng, _ = jax.random.split(self.rng)
     shapes = jax.eval_shape(functools.partial(create_train_state, self.model, self.optimizer),
-                            init_rng, self.example_images())
+                            init_rng, self.example_inputs())
     return checkpoint_lib.abstract_like(shapes, jax.tree.map(lambda _: mesh_lib.replicated(self.mesh), shapes))
 
   def init_state(self) -> TrainState:
@@ -186,39 +187,29 @@ class Experiment:
     init = jax.jit(functools.partial(create_train_state, self.model, self.optimizer),
                    out_shardings=mesh_lib.replicated(self.mesh),
                    compiler_options={"xla_backend_optimization_level": 0})
-    return init(init_rng, self.example_images())
+    return init(init_rng, self.example_inputs())
 
   def train_step(self, state: TrainState, local_batch: dict):
     _, step_rng = jax.random.split(self.rng)
     return self._train_step(state, mesh_lib.global_batch(local_batch, self.mesh), step_rng)
 
-  def evaluate(self, state: TrainState, split: str) -> dict:
-    """The task's summary over one whole pass of `split`."""
-    batches = pipeline.eval_batches(
-        self.data_source(split), global_batch_size=self.config.eval_batch_size,
-        **self.batch_layout())
-    # Additive totals, or (tasks with `eval_concatenates`, e.g. detection AP) every example's
-    # outputs, concatenated on the host.
-    concatenate = getattr(self.task, "eval_concatenates", False)
-    compact = getattr(self.task, "compact_eval_outputs", lambda outputs: outputs)
-    sums, gathered = None, []
-    for local_batch in batches:
-      batch_sums = self._eval_step(state, mesh_lib.global_batch(local_batch, self.mesh))
-      if concatenate:
-        gathered.append(compact(jax.device_get(batch_sums)))
-      else:
-        sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
-    if concatenate:
-      sums = jax.tree.map(lambda *xs: np.concatenate(xs), *gathered)
-    return self.task.summarize(jax.device_get(sums))
+  def eval_batches(self, split: str):
+    """One pass over `split` in order, host-local batches (`example_valid` marks padding)."""
+    return pipeline.eval_batches(self.data_source(split),
+                                 global_batch_size=self.config.eval_batch_size,
+                                 **self.batch_layout())
 
-  def predict(self, state: TrainState, images, batch: dict | None = None):
-    """Predictions for `images`; `batch` supplies the keys the task hands the model in
-    evaluation (`task.model_eval_targets`, e.g. Fast R-CNN's proposals), if it has any."""
-    keys = getattr(self.task, "model_eval_targets", ())
-    if keys and batch is None:
-      raise ValueError(f"This task's model needs {keys} from the batch to predict; pass batch=.")
-    return self._predict_step(state, images, {k: batch[k] for k in keys})  # only what it uses
+  def evaluate(self, state: TrainState, split: str) -> dict:
+    """The task's evaluator's result over one whole pass of `split`."""
+    evaluator = self.task.evaluator()
+    for local_batch in self.eval_batches(split):
+      outputs = self._eval_step(state, mesh_lib.global_batch(local_batch, self.mesh))
+      evaluator.update(jax.device_get(outputs), local_batch)
+    return evaluator.result()
+
+  def predict(self, state: TrainState, local_batch: dict):
+    """`task.predictions` for a host-local batch, on the host (what `task.draw` draws)."""
+    return jax.device_get(self._predict_step(state, mesh_lib.global_batch(local_batch, self.mesh)))
 
   def checkpointer(self, workdir: str, read_only: bool = False) -> checkpoint_lib.Checkpointer:
     return checkpoint_lib.Checkpointer(

@@ -1,0 +1,1 @@
+"""Classification tasks (the models are the transformers' and backbones' heads)."""

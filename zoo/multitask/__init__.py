@@ -1,0 +1,1 @@
+"""Multi-task learning: one network, several heads, one task per head."""
