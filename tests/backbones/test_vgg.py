@@ -58,9 +58,32 @@ def test_layouts_shapes():
   out = jax.eval_shape(lambda v: largefov.apply(v, jnp.zeros(images), train=False),
                        _abstract_init(largefov, images))
   assert {k: v.shape[1:3] for k, v in out.items()} == {
-      "pool1": (33, 33), "pool2": (17, 17), "pool3": (9, 9), "pool4": (9, 9), "pool5": (9, 9),
+      "pool1": (33, 33), "pool2": (17, 17), "pool3": (9, 9), "pool4": (9, 9), "conv5_3": (9, 9),
+      "pool5": (9, 9),
       "pool5a": (9, 9), "fc6": (9, 9), "fc7": (9, 9), "fc8": (9, 9)}
   assert largefov.strides["fc8"] == 8 and VGG16().strides["pool4"] == 16
+  assert fcn["conv5_3"].shape[1:3] == (5, 4) and VGG16().strides["conv5_3"] == 16
+
+
+def test_frozen_stages_get_no_gradient_and_keep_batch_statistics():
+  """Fast R-CNN's conv5_3 backbone: VGG16(fc_width=None, frozen_stages=2) trains conv3_1 on."""
+  model = VGG16(widths=(2, 3, 2, 3, 2), fc_width=None, norm="batch", frozen_stages=2)
+  images = jnp.asarray(np.random.default_rng().standard_normal((2, 16, 16, 3)), jnp.float32)
+  variables = model.init(jax.random.key(0), images, train=False)
+
+  def loss(params):
+    features, _ = model.apply({**variables, "params": params}, images, train=True,
+                              mutable=["batch_stats"])
+    return jnp.sum(features["conv5_3"] ** 2)
+
+  grads = jax.grad(loss)(variables["params"])
+  for name, grad in grads.items():
+    frozen = name.startswith(("conv1", "conv2"))
+    assert (float(jnp.abs(jax.tree.leaves(grad)[0]).max()) == 0) == frozen, name
+  _, state = model.apply(variables, images, train=True, mutable=["batch_stats"])
+  for name, stats in state["batch_stats"].items():
+    unchanged = jax.tree.map(lambda a, b: bool((a == b).all()), stats, variables["batch_stats"][name])
+    assert all(jax.tree.leaves(unchanged)) == name.startswith(("conv1", "conv2")), name
 
 
 @pytest.mark.parametrize("layout", ["fcn", pytest.param("pad100", marks=pytest.mark.slow), "largefov"])

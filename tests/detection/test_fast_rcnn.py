@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import zoo
+from zoo.backbones import VGG16
 from zoo.detection import fast_rcnn, proposals
 from zoo.detection.task import Detection
 
@@ -211,8 +212,8 @@ def test_box_head_loss_and_gradients_match_float64_reference():
 
   # conv5_3 from the model's own backbone (VGG-16 is tested in tests/backbones), then the head.
   normalized = (x - jnp.asarray(fast_rcnn.IMAGENET_MEAN)) / jnp.asarray(fast_rcnn.IMAGENET_STD)
-  conv5 = np.asarray(fast_rcnn.VGG16Conv5(TINY["widths"]).apply(
-      {"params": variables["params"]["body"]}, normalized, train=False), np.float64)
+  conv5 = np.asarray(VGG16(TINY["widths"], fc_width=None).apply(
+      {"params": variables["params"]["body"]}, normalized, train=False)["conv5_3"], np.float64)
   assert conv5.shape == (2, 4, 4, 8)
   pooled = np.stack([reference_roi_pool(conv5[b], rois[b, k], 1 / 16, 7).reshape(-1)
                      for b in range(2) for k in range(rois.shape[1])])

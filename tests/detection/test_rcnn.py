@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import zoo
+from zoo.backbones import fpn
 from zoo.detection import rcnn
 from zoo.detection.task import Detection
 from tests.lowering import export, kernel_calls
@@ -257,7 +258,7 @@ def test_mask_up_convolution_is_flax_conv_transpose(shape):
 
 def test_fpn_nearest_resize_is_torchvision_floor_rule():
   x = jnp.arange(2 * 7 * 5, dtype=jnp.float32).reshape(1, 7, 5, 2)
-  out = np.asarray(rcnn.nearest_resize(x, (13, 9)))
+  out = np.asarray(fpn.nearest_resize(x, (13, 9)))
   for i in range(13):
     for j in range(9):
       np.testing.assert_array_equal(out[0, i, j], np.asarray(x)[0, (i * 7) // 13, (j * 5) // 9])

@@ -26,6 +26,10 @@ after reshaping (4096, 25088) to (4096, 512, 7, 7)).
     vgg = VGG16()
     features = vgg.apply(variables, images, train=False)
     features["pool4"]  # (B, ceil(H / 16), ceil(W / 16), 512)
+
+Fast and Faster R-CNN (zoo.detection) read "conv5_3", the last convolution before pool5
+(stride 16), from `VGG16(fc_width=None)`; `frozen_stages` fixes the first stages as
+py-faster-rcnn does.
 """
 
 from typing import Any
@@ -131,6 +135,9 @@ class VGG16(nn.Module):
     norm: "none" (VGG-16) or "batch" (BatchNorm after every convolution of the stages, to
       train from scratch quickly; fc6/fc7 have none).
     dropout_rate: dropout after fc6 and fc7 in training (0.5 in VGG, FCN and DeepLab).
+    frozen_stages: stages (0-5) whose parameters get no gradient and whose BatchNorm, if any,
+      keeps its running statistics (py-faster-rcnn fixes conv1 and conv2 of an ImageNet
+      VGG-16 for Fast / Faster R-CNN: 2).
     dtype: compute dtype; param_dtype: parameter dtype.
   """
   widths: tuple[int, ...] = VGG16_WIDTHS
@@ -142,6 +149,7 @@ class VGG16(nn.Module):
   dilated: bool = False
   norm: str = "none"
   dropout_rate: float = 0.5
+  frozen_stages: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -155,6 +163,8 @@ class VGG16(nn.Module):
                        "pick one layout.")
     if self.num_classes is not None and self.fc_width is None:
       raise ValueError("VGG16: num_classes (fc8) needs fc6/fc7; set fc_width.")
+    if not 0 <= self.frozen_stages <= 5:
+      raise ValueError(f"VGG16 frozen_stages must be in 0..5, got {self.frozen_stages!r}.")
     super().__post_init__()
 
   @property
@@ -163,7 +173,8 @@ class VGG16(nn.Module):
     input pixel (s i + (s - 1) / 2, ...) with 2x2 pooling (FCN, pad100 False; with pad100 shifted
     by the 100-pixel padding, see zoo.segmentation.fcn), on (s i, s j) with DeepLab's 3x3 pooling."""
     strides = {f"pool{i}": min(2**i, 8) if self.dilated else 2**i for i in range(1, 6)}
-    strides.update(pool5a=8, fc6=strides["pool5"], fc7=strides["pool5"], fc8=strides["pool5"])
+    strides.update(conv5_3=strides["pool4"], pool5a=8, fc6=strides["pool5"], fc7=strides["pool5"],
+                   fc8=strides["pool5"])
     return strides
 
   @nn.compact
@@ -175,7 +186,8 @@ class VGG16(nn.Module):
       train: dropout after fc6/fc7 (needs a "dropout" rng) and batch statistics (norm="batch").
 
     Returns:
-      dict of (B, h, w, channels) maps in `dtype`: "pool1".."pool5" (stage widths), with
+      dict of (B, h, w, channels) maps in `dtype`: "pool1".."pool5" (stage widths), "conv5_3"
+      (before pool5: Fast / Faster R-CNN's feature map, stride 16; 8 with dilated), with
       fc_width: "fc6", "fc7" (after ReLU and dropout), with num_classes: "fc8" (raw scores);
       with dilated: "pool5a" too. Sizes follow Caffe (`caffe_pool_size`): ceil(H / 2**i) for
       pool i without pad100; see `strides`.
@@ -190,7 +202,12 @@ class VGG16(nn.Module):
       for index in range(1, depth + 1):
         padding = 100 if (self.pad100 and stage == index == 1) else "SAME"
         dilation = 2 if (self.dilated and stage == 5) else 1
-        x = conv(width, f"conv{stage}_{index}", padding=padding, dilation=dilation)(x, train=train)
+        x = conv(width, f"conv{stage}_{index}", padding=padding, dilation=dilation)(
+            x, train=train and stage > self.frozen_stages)
+      if stage == self.frozen_stages:
+        x = lax.stop_gradient(x)
+      if stage == 5:
+        features["conv5_3"] = x
       if self.dilated:
         x = caffe_pool(x, "max", 3, 2 if stage <= 3 else 1, 1)
       else:

@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from zoo.backbones.vgg import STAGE_DEPTHS, VGG16_WIDTHS, ConvReLU, caffe_pool
+from zoo.backbones.vgg import VGG16, VGG16_WIDTHS
 from zoo.detection import boxes as box_ops
 from zoo.detection import proposals as proposals_lib
 from zoo.detection.rcnn import (IMAGENET_MEAN, IMAGENET_STD, RPNHead, postprocess_detections,
@@ -79,31 +79,6 @@ def rpn_anchors(grid_size, sizes, aspect_ratios, image_scale: float = 1.0):
   generator = box_ops.AnchorGenerator(sizes=(tuple(a * s for a in sizes),),
                                       aspect_ratios=(tuple(aspect_ratios),), strides=(STRIDE,))
   return generator([tuple(grid_size)])[0] / s
-
-
-class VGG16Conv5(nn.Module):
-  """VGG-16's convolutions up to conv5_3 (after ReLU), no pool5: (B, ceil(H/16), ceil(W/16), C5).
-
-  The layers and names of `zoo.backbones.vgg.VGG16` (2x2 max-pooling after stages 1-4, Caffe
-  rounding); `frozen_stages` stops the gradient after that many stages (py-faster-rcnn fixes
-  conv1 and conv2 of an ImageNet VGG-16: 2).
-  """
-  widths: Sequence[int] = VGG16_WIDTHS
-  norm: str = "none"
-  frozen_stages: int = 0
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, *, train: bool):
-    for stage, (depth, width) in enumerate(zip(STAGE_DEPTHS, self.widths), start=1):
-      for index in range(1, depth + 1):
-        x = ConvReLU(width, norm=self.norm, dtype=self.dtype, name=f"conv{stage}_{index}")(
-            x, train=train and stage > self.frozen_stages)
-      if stage < 5:
-        x = caffe_pool(x, "max", 2, 2)
-      if stage == self.frozen_stages:
-        x = jax.lax.stop_gradient(x)
-    return x
 
 
 class FastRCNN(nn.Module):
@@ -203,8 +178,9 @@ class FastRCNN(nn.Module):
     if self.image_scale != 1:
       size = (round(height * self.image_scale), round(width * self.image_scale))
       x = jax.image.resize(x, (b,) + size + (3,), "bilinear")
-    features = VGG16Conv5(tuple(self.widths), self.norm, self.frozen_stages, dtype=self.dtype,
-                          name="body")(x, train=train)
+    features = VGG16(tuple(self.widths), fc_width=None, norm=self.norm,
+                     frozen_stages=self.frozen_stages, dtype=self.dtype, name="body")(
+                         x, train=train)["conv5_3"]
 
     outputs = {}
     if self.rpn:

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kernels
+from zoo.backbones.fpn import FPN
 from zoo.backbones.resnet import RESNET_BLOCKS, ResNet
 from zoo.detection import boxes as box_ops
 from zoo.layers import UpConvolution
@@ -40,43 +41,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _FPN_STRIDES = (4, 8, 16, 32, 64)   # P2..P6
 _MASK_POOL = 14                     # the mask head's RoIAlign size; its logits are 2x that
-
-
-def _uniform_a1():
-  """kaiming_uniform_(a=1), torchvision's FPN and mask-head init: U(-sqrt(3 / fan_in), ...)."""
-  return nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
-
-
-def nearest_resize(x, size):
-  """torchvision's F.interpolate(mode="nearest", size=size) on (B, h, w, C): src = floor(dst * in / out)."""
-  rows = (np.arange(size[0]) * x.shape[1]) // size[0]
-  cols = (np.arange(size[1]) * x.shape[2]) // size[1]
-  return x[:, rows][:, :, cols]
-
-
-class FPN(nn.Module):
-  """Feature pyramid (Lin et al. 2017): C2..C5 -> P2..P6, `out_channels` each.
-
-  Lateral 1x1 convolutions (inner_blocks_i), top-down nearest upsampling and sums, 3x3 output
-  convolutions (layer_blocks_i); P6 is P5 subsampled by 2 (torchvision's LastLevelMaxPool,
-  a 1x1 max-pool with stride 2).
-  """
-  out_channels: int = 256
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, features: dict) -> dict:
-    conv = lambda kernel, name: nn.Conv(self.out_channels, (kernel, kernel), padding=kernel // 2,
-                                        kernel_init=_uniform_a1(), dtype=self.dtype, name=name)
-    names = ("C2", "C3", "C4", "C5")
-    laterals = [conv(1, f"inner_blocks_{i}")(features[n]) for i, n in enumerate(names)]
-    top = laterals[-1]
-    outputs = [conv(3, "layer_blocks_3")(top)]
-    for i in (2, 1, 0):
-      top = laterals[i] + nearest_resize(top, laterals[i].shape[1:3])
-      outputs.insert(0, conv(3, f"layer_blocks_{i}")(top))
-    outputs.append(outputs[-1][:, ::2, ::2])
-    return {f"P{i + 2}": p for i, p in enumerate(outputs)}
 
 
 @jax.custom_vjp
