@@ -1,10 +1,11 @@
 """Augmentations: photometric changes only colours (an affine map per channel, channels
-permuted), random_translate moves every label with the pixels; both deterministic per rng."""
+permuted), random_translate and horizontal_flip move every label with the pixels; all
+deterministic per rng. (The features of the families to come: tests/data/test_features.py.)"""
 
 import numpy as np
 import pytest
 
-from zoo.data import augment, pipeline
+from zoo.data import augment, features, pipeline
 from zoo.data import digit_canvases as dc
 
 M = 6
@@ -19,7 +20,7 @@ def fresh_example(seed: int) -> dict:
                                       "mask": list(objects["mask"])}}
   return pipeline._example_arrays(
       tfds_like, features=("image", "segmentation", "boxes", "labels", "instance_masks",
-                           "objects_valid", "id"), max_objects=M, canvas_shape=(64, 64))
+                           "objects_valid", "id"), layout=features.Layout((64, 64), max_objects=M))
 
 
 def seeds(n):
@@ -95,6 +96,21 @@ def test_random_translate_invalidates_objects_pushed_off_the_canvas():
     assert out["objects_valid"][1]
     if dx >= 2:
       np.testing.assert_array_equal(out["boxes"][0][[0, 2]], [16, 16])
+
+
+@pytest.mark.parametrize("seed", seeds(3))
+def test_horizontal_flip_mirrors_everything_together(seed):
+  example = fresh_example(seed)
+  out = augment.horizontal_flip(example, np.random.default_rng(seed), probability=1.0)
+  np.testing.assert_array_equal(out["image"], example["image"][:, ::-1])
+  np.testing.assert_array_equal(out["segmentation"], example["segmentation"][:, ::-1])
+  np.testing.assert_array_equal(out["instance_masks"], example["instance_masks"][:, :, ::-1])
+  for key in ("labels", "objects_valid", "id"):
+    np.testing.assert_array_equal(out[key], example[key])
+  for k in np.flatnonzero(out["objects_valid"]):  # Boxes stay tight around the visible masks.
+    rows, columns = np.nonzero(out["instance_masks"][k])
+    np.testing.assert_array_equal(out["boxes"][k], [columns.min(), rows.min(),
+                                                    columns.max() + 1, rows.max() + 1])
 
 
 def test_compose_applies_in_order_and_is_deterministic():

@@ -8,7 +8,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from zoo.data import IGNORE_LABEL, pipeline
+from zoo.data import IGNORE_LABEL, features, pipeline
 
 ALL = ("image", "segmentation", "boxes", "labels", "instance_masks", "id")
 
@@ -74,8 +74,8 @@ def test_reversed_boxes_are_rejected():
              "objects": {"label": np.array([1]), "bbox": np.array([[0.5, 0.6, 0.7, 0.2]], np.float32),
                          "mask": np.zeros((1, 4, 4), bool)}}
   with pytest.raises(ValueError, match="Example 7 has a box with x2 < x1"):
-    pipeline._example_arrays(example, features=("boxes", "labels"), max_objects=2,
-                             canvas_shape=(4, 4))
+    pipeline._example_arrays(example, features=("boxes", "labels"),
+                             layout=features.Layout((4, 4), max_objects=2))
 
 
 def test_only_requested_features_are_returned_and_decoded(tiny_sources):
@@ -213,7 +213,8 @@ def test_eval_batches_can_be_iterated_again(tiny_sources):
 
 def test_augmented_batches_stay_consistent(tiny_sources):
   iterator = pipeline.train_batches(tiny_sources["train"], global_batch_size=16, seed=4,
-                                    features=ALL, augment=("random_translate", "photometric"),
+                                    features=ALL,
+                                    augment=("random_translate", "horizontal_flip", "photometric"),
                                     process_index=0, process_count=1)
   for batch in take(iterator, 4):
     assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
@@ -235,7 +236,7 @@ def test_bad_arguments_are_reported(tiny_sources):
     if function is pipeline.eval_batches:
       kwargs.pop("seed")
     with pytest.raises(ValueError, match="valid features: image, segmentation, boxes"):
-      function(source, **{**kwargs, "features": ("image", "depth")})
+      function(source, **{**kwargs, "features": ("image", "heat")})
     with pytest.raises(ValueError, match="not the string"):
       function(source, **{**kwargs, "features": "image"})
     with pytest.raises(ValueError, match=r"global_batch_size=9 must be a positive multiple .* \(2\)"):
@@ -244,6 +245,10 @@ def test_bad_arguments_are_reported(tiny_sources):
       function(source, **{**kwargs, "process_index": 2, "process_count": 2})
     with pytest.raises(ValueError, match="max_objects must be a positive integer"):
       function(source, **{**kwargs, "max_objects": 0})
+    with pytest.raises(ValueError, match="max_length must be a positive integer"):
+      function(source, **{**kwargs, "max_length": 1.5})
+    with pytest.raises(ValueError, match=r"Example \d+ has no flow; the source does not carry the `flow`"):
+      next(iter(function(source, **{**kwargs, "features": ("image", "flow")})))
   with pytest.raises(ValueError, match="Unknown augmentation.*'flip'.*known: photometric, random_translate"):
     pipeline.train_batches(source, global_batch_size=8, seed=0, features=("image",),
                            augment=("flip",), process_index=0, process_count=1)
@@ -260,3 +265,24 @@ def test_plain_sequences_work_as_sources(tiny_sources):
   reference = list(pipeline.eval_batches(tiny_sources["test"], global_batch_size=8, features=ALL,
                                          process_index=0, process_count=1))
   assert_batches_equal(batches, reference)
+
+
+def test_example_batch_has_the_batches_shapes_and_dtypes(tiny_sources):
+  source = tiny_sources["train"]
+  layout = dict(features=ALL + ("proposals",), max_objects=6, max_proposals=5)
+  with_proposals = [{**source[i], "proposals": np.array([[0.1, 0.2, 0.5, 0.6]], np.float32)}
+                    for i in range(4)]
+  example = pipeline.example_batch(with_proposals, **layout)
+  batch = next(pipeline.train_batches(with_proposals, global_batch_size=4, seed=0,
+                                      process_index=0, process_count=1, **layout))
+  assert example.keys() == batch.keys() == set(ALL) | {"objects_valid", "proposals",
+                                                        "proposals_valid"}
+  for key, value in example.items():
+    assert (value.shape, value.dtype) == ((1,) + batch[key].shape[1:], batch[key].dtype), key
+  # The first example, not augmented, as eval_batches decodes it.
+  first = next(iter(pipeline.eval_batches(with_proposals, global_batch_size=1, process_index=0,
+                                          process_count=1, **layout)))
+  for key, value in example.items():
+    np.testing.assert_array_equal(value, first[key], err_msg=key)
+  with pytest.raises(ValueError, match="no examples"):
+    pipeline.example_batch([], features=("image",))

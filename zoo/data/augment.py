@@ -5,90 +5,85 @@ functions in order through one grain `random_map`, whose generator is seeded by 
 pipeline seed and the example's position in the (repeated, shuffled) stream, so training
 batches are reproducible and resumable with augmentation on.
 
-An example here is one unbatched element in the pipeline's conventions (any subset of):
-  image:           (H, W, 3) float32 in [0, 1].
-  segmentation:    (H, W) int32 class ids.
-  boxes:           (M, 4) float32 (x1, y1, x2, y2) pixels.
-  labels:          (M,) int32.
-  instance_masks:  (M, H, W) bool.
-  objects_valid:   (M,) bool.
-  proposals:       (P, 4) float32 (x1, y1, x2, y2) pixels; proposals_valid: (P,) bool.
-  id:              () int32.
-A geometric augmentation moves every present key the same way.
+An example here is one unbatched element: any subset of the features of `zoo.data.features`,
+in their shapes and dtypes there. The augmentations never name a feature: a geometric one
+moves every present feature by its spec's `geometry` (maps move with the pixels, boxes with
+them and are clipped, slot validity follows, flow's u and normals' x change sign under a
+flip), and `photometric` changes the features whose spec says `photometric` (colour images).
 """
 
 from typing import Callable, Sequence
 
 import numpy as np
 
+from zoo.data import features
+
 Augmentation = Callable[[dict, np.random.Generator], dict]
 
 
 def photometric(example: dict, rng: np.random.Generator, *, max_brightness: float = 0.1,
                 max_contrast: float = 0.25) -> dict:
-  """Random brightness, contrast and RGB channel order of `image`; labels are untouched.
+  """Random brightness, contrast and RGB channel order of the colour images (`image`,
+  `image2`, `frames`: the photometric features); labels are untouched.
 
   brightness: adds U(-max_brightness, max_brightness); contrast: scales the deviation from
   the image's mean by U(1 - max_contrast, 1 + max_contrast); then a random permutation of
   the three channels (a digit's colour carries no class information). Clipped to [0, 1].
+  One draw serves every colour image of the example (an image pair changes alike); the
+  mean is each image's (each frame's) own. Draws nothing when there is no colour image.
   """
-  if "image" not in example:
+  names = [name for name in example if features.feature(name).photometric]
+  if not names:
     return example
-  image = example["image"]
-  mean = image.mean()
   contrast = rng.uniform(1 - max_contrast, 1 + max_contrast)
   brightness = rng.uniform(-max_brightness, max_brightness)
-  image = (image - mean) * contrast + mean + brightness
-  image = image[..., rng.permutation(3)]
-  return {**example, "image": np.clip(image, 0.0, 1.0).astype(np.float32)}
+  permutation = rng.permutation(3)
+  out = dict(example)
+  for name in names:
+    images = example[name]
+    frames = images.reshape((-1,) + images.shape[-3:])
+    mean = np.stack([frame.mean() for frame in frames]).reshape(images.shape[:-3] + (1, 1, 1))
+    images = (images - mean) * contrast + mean + brightness
+    out[name] = np.clip(images[..., permutation], 0.0, 1.0).astype(np.float32)
+  return out
 
 
 def random_translate(example: dict, rng: np.random.Generator, *, max_shift: int = 4) -> dict:
   """Shifts the canvas by up to `max_shift` pixels in x and y (pad, then crop to size).
 
-  Uncovered pixels: `image` gets the mean colour of the image's border (background-like),
-  `segmentation` the background class 0, `instance_masks` False. Boxes move with the
-  pixels and are clipped to the canvas (so a box cut by the border may be looser than its
-  mask). An object with nothing left on the canvas (an empty mask, or a box of zero area
-  when masks are not present) is marked invalid in `objects_valid`; proposals move and are
-  clipped the same way, and one left with zero area is marked invalid in `proposals_valid`.
+  Every feature moves by its `geometry.translated` (`zoo.data.features`): maps move with the
+  pixels, uncovered pixels get their `fill` (`image` the mean colour of its border,
+  `segmentation` the background class 0, `instance_masks` False, flow / depth / normals 0);
+  boxes and proposals move and are clipped to the canvas (so a box cut by the border may be
+  looser than its mask). An object with nothing left on the canvas (an empty mask, or a box
+  of zero area when masks are not present) is marked invalid in `objects_valid`, and a
+  proposal left with zero area in `proposals_valid` (`geometry.revalidated`).
   """
   dy, dx = (int(v) for v in rng.integers(-max_shift, max_shift + 1, size=2))
-  out = dict(example)
-  if "image" in example:
-    image = example["image"]
-    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-    out["image"] = _translated(image, dy, dx, border.mean(0), axes=(0, 1))
-  if "segmentation" in example:
-    out["segmentation"] = _translated(example["segmentation"], dy, dx, 0, axes=(0, 1))
-  if "instance_masks" in example:
-    out["instance_masks"] = _translated(example["instance_masks"], dy, dx, False, axes=(1, 2))
-  height, width = _canvas_shape(example)
+  canvas_shape = _canvas_shape(example, "random_translate")
+  return _moved(example, lambda geometry, x: geometry.translated(x, dy, dx, canvas_shape),
+                off_canvas=True)
 
-  def moved(boxes):
-    boxes = boxes + np.array([dx, dy, dx, dy], np.float32)
-    return np.clip(boxes, 0, np.array([width, height, width, height], np.float32)).astype(np.float32)
 
-  if "boxes" in example:
-    out["boxes"] = moved(example["boxes"])
-  if "proposals" in example:
-    out["proposals"] = moved(example["proposals"])
-    p = out["proposals"]
-    out["proposals_valid"] = example["proposals_valid"] & (p[:, 2] > p[:, 0]) & (p[:, 3] > p[:, 1])
-  if "objects_valid" in example:
-    if "instance_masks" in out:
-      on_canvas = out["instance_masks"].any((1, 2))
-    elif "boxes" in out:
-      on_canvas = (out["boxes"][:, 2] > out["boxes"][:, 0]) & (out["boxes"][:, 3] > out["boxes"][:, 1])
-    else:
-      on_canvas = True
-    out["objects_valid"] = example["objects_valid"] & on_canvas
-  return out
+def horizontal_flip(example: dict, rng: np.random.Generator, *,
+                    probability: float = 0.5) -> dict:
+  """With `probability`, mirrors the canvas left-right (`geometry.flipped` of each feature).
+
+  Maps are mirrored (pixel column c -> W - 1 - c), boxes and proposals too (x1, x2 ->
+  W - x2, W - x1), and the signs of the channels that point along x are reversed: flow's u,
+  a normal's x. Nothing leaves the canvas, so validity is unchanged. Draws one uniform.
+  """
+  if rng.uniform() >= probability:
+    return example
+  canvas_shape = _canvas_shape(example, "horizontal_flip")
+  return _moved(example, lambda geometry, x: geometry.flipped(x, canvas_shape),
+                off_canvas=False)
 
 
 AUGMENTATIONS: dict[str, Augmentation] = {
     "photometric": photometric,
     "random_translate": random_translate,
+    "horizontal_flip": horizontal_flip,
 }
 
 
@@ -115,25 +110,25 @@ def compose(names: Sequence[str]) -> Augmentation:
   return augmented
 
 
-def _translated(x: np.ndarray, dy: int, dx: int, fill, *, axes: tuple[int, int]) -> np.ndarray:
-  """`x` moved by (dy, dx) along `axes`: out[y + dy, x + dx] = x[y, x]; `fill` elsewhere."""
-  out = np.empty_like(x)
-  out[...] = np.asarray(fill, x.dtype)
-  target = [slice(None)] * x.ndim
-  source = [slice(None)] * x.ndim
-  for axis, shift in zip(axes, (dy, dx)):
-    size = x.shape[axis]
-    target[axis] = slice(max(shift, 0), size + min(shift, 0))
-    source[axis] = slice(max(-shift, 0), size - max(shift, 0))
-  out[tuple(target)] = x[tuple(source)]
+def _moved(example: dict, move: Callable, *, off_canvas: bool) -> dict:
+  """`example` with `move(geometry, array)` applied to every feature; then, if the move can
+  push things off the canvas, each feature's `geometry.revalidated` against the moved ones."""
+  geometries = {name: features.feature(name).geometry for name in example}
+  out = {name: move(geometries[name], value) for name, value in example.items()}
+  if off_canvas:
+    out = {name: geometries[name].revalidated(value, out) for name, value in out.items()}
   return out
 
 
-def _canvas_shape(example: dict) -> tuple[int, int]:
-  for key, axes in (("image", (0, 1)), ("segmentation", (0, 1)), ("instance_masks", (1, 2))):
-    if key in example:
-      return tuple(example[key].shape[a] for a in axes)
-  if "boxes" in example or "proposals" in example:
-    raise ValueError("random_translate needs the canvas size to clip boxes: request `image`, "
-                     "`segmentation` or `instance_masks` with `boxes`.")
+def _canvas_shape(example: dict, augmentation: str) -> tuple[int, int]:
+  """(H, W) from the example's first map; (0, 0) if no feature needs it."""
+  geometries = {name: features.feature(name).geometry for name in example}
+  for name, geometry in geometries.items():
+    shape = geometry.canvas_shape(example[name])
+    if shape is not None:
+      return shape
+  needing = [name for name, geometry in geometries.items() if geometry.needs_canvas]
+  if needing:
+    raise ValueError(f"{augmentation} needs the canvas size to move {', '.join(needing)}: "
+                     "request a map with them (`image`, `segmentation`, `instance_masks`, ...).")
   return (0, 0)
