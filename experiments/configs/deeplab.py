@@ -6,16 +6,17 @@ with DeepLab's CRF post-processing and the CRF-as-RNN layer fine-tuned end to en
     python -m experiments.eval --workdir=/tmp/runs/deeplab --split=test \\
         --config=experiments/configs/deeplab.py:postprocess
 
-Variants (`--config=experiments/configs/deeplab.py:VARIANT`):
+Variants (`--config=experiments/configs/deeplab.py:VARIANT`; they combine with commas, e.g.
+`:voc,postprocess` or `:crf_trainable,smoke`, experiments/configs/common.py):
   ''            deeplab_v3_resnet50 narrowed (stem width 16, one bottleneck per layer, ASPP 64
                 wide, rates 1, 2, 3 at stride 16 = 2, 4, 6 at stride 8: the feature map is only
                 8x8) with BatchNorm, trained from scratch on 64x64 canvases, 11 classes.
   postprocess   the same model with crf="postprocess": the CRF runs at evaluation only.
   crf_trainable the same model with crf="trainable" (CRF-as-RNN: learnable kernel weights and
-                compatibility, 5 mean-field iterations in training), fine-tuned from the
-                plain run's weights (see below), batch 4.
+                compatibility, 3 mean-field iterations in training and evaluation), fine-tuned from
+                the plain run's weights (see below), batch 2, 200 steps at learning rate 1e-4.
   largefov / v2 the other registered DeepLabs (deeplab_largefov_vgg16, deeplab_v2_resnet50),
-                narrowed the same way.
+                narrowed the same way (without the CRF settings: they combine with smoke only).
   smoke         a few steps, for tests.
   voc / pet     the papers' sizes (ResNet-50, frozen BN, SGD momentum 0.9, poly-like cosine) on
                 real data named by TFDS: see experiments/configs/fcn.py's header for which
@@ -56,87 +57,65 @@ Results, 2-core CPU shared with ~5 other jobs (load average 8-12; no GPU), jax 0
 
 import ml_collections
 
+from experiments.configs import common
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.init_from = ml_collections.FieldReference(None, field_type=str)  # a workdir to fine-tune from
-
+  arg = common.parse_variant(variant, largefov=False, v2=False, postprocess=False,
+                             crf_trainable=False, voc=False, pet=False, smoke=False)
+  # The other DeepLabs are set up for the digits only, without the CRF settings.
+  common.check_exclusive(arg, "largefov", "v2", "postprocess", "crf_trainable")
+  common.check_exclusive(arg, "largefov", "v2", "voc", "pet")
+  num_classes = ml_collections.FieldReference(11)  # the model's and the task's
+  config = common.trainer_config(batch_size=16, total_steps=800, checkpoint_every=500,
+                                 eval_every=0, keep_checkpoints=2)
   config.model = ml_collections.ConfigDict(dict(
-      name="deeplab_v3_resnet50", num_classes=11, output_stride=8, resnet_blocks=(1, 1, 1, 1),
-      resnet_width=16, norm="batch", aspp_rates=(1, 2, 3), aspp_width=64, dropout_rate=0.1,
-      crf=ml_collections.FieldReference(None, field_type=str), crf_iterations=10, crf_pos_w=3.0,
-      crf_pos_xy_std=1.0, crf_bi_w=4.0, crf_bi_xy_std=8.0, crf_bi_rgb_std=20.0,
-      crf_image_scale=255.0, crf_implementation="auto"))
-  config.task = ml_collections.ConfigDict(dict(name="semantic_segmentation", num_classes=11))
-  config.data = ml_collections.ConfigDict(dict(
-      name="digit_canvases", data_dir=ml_collections.FieldReference(None, field_type=str),
-      train_split="train", augment=("photometric",), max_objects=8))
+      name="deeplab_v3_resnet50", num_classes=num_classes, output_stride=8,
+      resnet_blocks=(1, 1, 1, 1), resnet_width=16, norm="batch", aspp_rates=(1, 2, 3),
+      aspp_width=64, dropout_rate=0.1, crf=ml_collections.FieldReference(None, field_type=str),
+      crf_iterations=10, crf_pos_w=3.0, crf_pos_xy_std=1.0, crf_bi_w=4.0, crf_bi_xy_std=8.0,
+      crf_bi_rgb_std=20.0, crf_image_scale=255.0, crf_implementation="auto"))
+  config.task = ml_collections.ConfigDict(dict(name="semantic_segmentation",
+                                               num_classes=num_classes))
+  config.data = common.digit_canvases()
+  config.optimizer = common.optimizer(name="adam", learning_rate=2e-3)
+  smoke_model = dict(resnet_width=2, aspp_width=4)  # what :smoke narrows
 
-  config.batch_size = 16
-  config.eval_batch_size = 64
-  config.total_steps = 800
-  config.optimizer = ml_collections.ConfigDict(dict(
-      name="adam", learning_rate=2e-3, schedule="cosine", warmup_steps=100, weight_decay=0.0,
-      grad_clip_norm=1.0))
-
-  config.log_every = 50
-  config.checkpoint_every = 500
-  config.keep_checkpoints = 2
-  config.eval_every = 0
-  config.eval_split = "validation"
-  config.final_eval_splits = ("validation", "test")
-  config.mesh = ml_collections.ConfigDict(dict(num_devices=-1, model_axis_size=1))
-
-  if variant == "postprocess":
-    config.model.crf = "postprocess"
-  elif variant == "crf_trainable":
-    config.model.update(crf="trainable", crf_iterations=3)
-    config.batch_size = 2
-    config.eval_batch_size = 16
-    config.total_steps = 200
-    config.optimizer.update(learning_rate=1e-4, warmup_steps=20)
-    config.eval_every = 0
-  elif variant == "largefov":
+  if arg.largefov:
     config.model = ml_collections.ConfigDict(dict(
-        name="deeplab_largefov_vgg16", num_classes=11, vgg_widths=(16, 32, 64, 96, 96),
+        name="deeplab_largefov_vgg16", num_classes=num_classes, vgg_widths=(16, 32, 64, 96, 96),
         fc_width=128, norm="batch", dropout_rate=0.1))
-  elif variant == "v2":
+    smoke_model = dict(vgg_widths=(2, 2, 4, 4, 4), fc_width=4)
+  if arg.v2:
     config.model = ml_collections.ConfigDict(dict(
-        name="deeplab_v2_resnet50", num_classes=11, output_stride=8, resnet_blocks=(1, 1, 1, 1),
-        resnet_width=16, norm="batch"))
-  elif variant == "smoke":
-    config.model.update(resnet_width=2, aspp_width=4)
-    config.batch_size = 8
-    config.eval_batch_size = 16
-    config.total_steps = 4
-    config.optimizer.warmup_steps = 2
-    config.log_every = 2
-    config.checkpoint_every = 2
-    config.eval_every = 0
-  elif variant in ("voc", "pet"):
+        name="deeplab_v2_resnet50", num_classes=num_classes, output_stride=8,
+        resnet_blocks=(1, 1, 1, 1), resnet_width=16, norm="batch"))
+    smoke_model = dict(resnet_width=2)
+  if arg.voc or arg.pet:
     config.model.update(output_stride=16, resnet_blocks=(3, 4, 6, 3), resnet_width=64,
                         norm="frozen", aspp_width=256, dropout_rate=0.5, crf_iterations=10,
                         crf_bi_xy_std=67.0, crf_bi_rgb_std=3.0)
-    config.optimizer = ml_collections.ConfigDict(dict(
-        name="momentum", learning_rate=0.01, momentum=0.9, schedule="cosine", warmup_steps=0,
-        weight_decay=1e-4, grad_clip_norm=0.0))
-    config.batch_size = 8
-    config.eval_batch_size = 8
-    config.total_steps = 30_000
-    config.checkpoint_every = 2000
-    config.eval_every = 5000
+    config.optimizer = common.optimizer(name="momentum", learning_rate=0.01, momentum=0.9,
+                                        warmup_steps=0, weight_decay=1e-4, grad_clip_norm=0.0)
+    config.update(batch_size=8, eval_batch_size=8, total_steps=30_000, checkpoint_every=2000,
+                  eval_every=5000)
     config.data.augment = ()
-    if variant == "voc":
-      # VOC 2012 segmentation is not in TFDS (fcn.py's header): Cityscapes, 19 classes, instead.
-      config.model.num_classes = config.task.num_classes = 19
-      config.data.update(name="cityscapes/semantic_segmentation", train_split="train")
-    else:
-      config.model.num_classes = config.task.num_classes = 2
-      config.data.update(name="oxford_iiit_pet", train_split="train")
-      config.eval_split = "test"
-      config.final_eval_splits = ("test",)
-  elif variant:
-    raise ValueError(f"Unknown deeplab config variant {variant!r}; choose '', 'postprocess', "
-                     "'crf_trainable', 'largefov', 'v2', 'smoke', 'voc' or 'pet'.")
+  if arg.voc:
+    # VOC 2012 segmentation is not in TFDS (fcn.py's header): Cityscapes, 19 classes, instead.
+    num_classes.set(19)
+    config.data.name = "cityscapes/semantic_segmentation"
+  if arg.pet:
+    num_classes.set(2)
+    config.data.name = "oxford_iiit_pet"
+    config.eval_split = "test"
+    config.final_eval_splits = ("test",)
+  if arg.postprocess:
+    config.model.crf = "postprocess"
+  if arg.crf_trainable:
+    config.model.update(crf="trainable", crf_iterations=3)
+    config.update(batch_size=2, eval_batch_size=16, total_steps=200, eval_every=0)
+    config.optimizer.update(learning_rate=1e-4, warmup_steps=20)
+  if arg.smoke:
+    config.model.update(smoke_model)
+    common.smoke(config)
   return config

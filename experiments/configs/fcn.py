@@ -2,7 +2,8 @@
 
     python -m experiments.train --config=experiments/configs/fcn.py --workdir=/tmp/runs/fcn8s
 
-Variants (`--config=experiments/configs/fcn.py:VARIANT`):
+Variants (`--config=experiments/configs/fcn.py:VARIANT`; they combine with commas, e.g.
+`:fcn32s,voc` or `:pet,smoke`, experiments/configs/common.py):
   ''        FCN-8s with narrow VGG-16 widths and BatchNorm, 64x64 canvases, 11 classes (CPU, ~10 min).
   fcn32s / fcn16s   the same with the other heads.
   smoke     a few steps, for tests.
@@ -29,66 +30,46 @@ because of the sharing; an idle machine would take a fraction of that):
 
 import ml_collections
 
+from experiments.configs import common
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-
+  arg = common.parse_variant(variant, fcn32s=False, fcn16s=False, voc=False, pet=False,
+                             smoke=False)
+  common.check_exclusive(arg, "fcn32s", "fcn16s")
+  common.check_exclusive(arg, "voc", "pet")
+  num_classes = ml_collections.FieldReference(11)  # the model's and the task's
+  config = common.trainer_config(batch_size=16, total_steps=1200, checkpoint_every=500,
+                                 eval_every=600, keep_checkpoints=2)
   config.model = ml_collections.ConfigDict(dict(
-      name="fcn8s_vgg16", num_classes=11, widths=(16, 32, 64, 96, 96), fc_width=192, norm="batch",
-      dropout_rate=0.1, pad100=False, learn_upsampling=False, skip_scaling=False))
-  config.task = ml_collections.ConfigDict(dict(name="semantic_segmentation", num_classes=11))
-  config.data = ml_collections.ConfigDict(dict(
-      name="digit_canvases", data_dir=ml_collections.FieldReference(None, field_type=str),
-      train_split="train", augment=("photometric",), max_objects=8))
+      name="fcn8s_vgg16", num_classes=num_classes, widths=(16, 32, 64, 96, 96), fc_width=192,
+      norm="batch", dropout_rate=0.1, pad100=False, learn_upsampling=False, skip_scaling=False))
+  config.task = ml_collections.ConfigDict(dict(name="semantic_segmentation",
+                                               num_classes=num_classes))
+  config.data = common.digit_canvases()
+  config.optimizer = common.optimizer(name="adam", learning_rate=2e-3)
 
-  config.batch_size = 16
-  config.eval_batch_size = 64
-  config.total_steps = 1200
-  config.optimizer = ml_collections.ConfigDict(dict(
-      name="adam", learning_rate=2e-3, schedule="cosine", warmup_steps=100, weight_decay=0.0,
-      grad_clip_norm=1.0))
-
-  config.log_every = 50
-  config.checkpoint_every = 500
-  config.keep_checkpoints = 2
-  config.eval_every = 600
-  config.eval_split = "validation"
-  config.final_eval_splits = ("validation", "test")
-  config.mesh = ml_collections.ConfigDict(dict(num_devices=-1, model_axis_size=1))
-
-  if variant in ("fcn32s", "fcn16s"):
-    config.model.name = f"{variant}_vgg16"
-  elif variant == "smoke":
-    config.model.update(widths=(2, 2, 4, 4, 4), fc_width=4)
-    config.batch_size = 8
-    config.eval_batch_size = 16
-    config.total_steps = 4
-    config.optimizer.warmup_steps = 2
-    config.log_every = 2
-    config.checkpoint_every = 2
-    config.eval_every = 0
-  elif variant in ("voc", "pet"):
+  if arg.fcn32s or arg.fcn16s:
+    config.model.name = "fcn32s_vgg16" if arg.fcn32s else "fcn16s_vgg16"
+  if arg.voc or arg.pet:
     config.model.update(widths=(64, 128, 256, 512, 512), fc_width=4096, norm="none",
                         dropout_rate=0.5, pad100=True, skip_scaling=True)
-    config.optimizer = ml_collections.ConfigDict(dict(
-        name="momentum", learning_rate=1e-4, momentum=0.99, schedule="constant", warmup_steps=0,
-        weight_decay=5e-4, grad_clip_norm=0.0))
-    config.batch_size = 1
-    config.eval_batch_size = 1
-    config.total_steps = 100_000
-    config.checkpoint_every = 4000
-    config.eval_every = 4000
-    if variant == "voc":
-      # VOC 2012 segmentation is not in TFDS (module doc): Cityscapes, 19 classes, instead.
-      config.model.num_classes = config.task.num_classes = 19
-      config.data.update(name="cityscapes/semantic_segmentation", augment=(), train_split="train")
-    else:
-      config.model.num_classes = config.task.num_classes = 2
-      config.data.update(name="oxford_iiit_pet", augment=(), train_split="train")
-      config.final_eval_splits = ("test",)
-      config.eval_split = "test"
-  elif variant:
-    raise ValueError(f"Unknown fcn config variant {variant!r}; choose '', 'fcn32s', 'fcn16s', "
-                     "'smoke', 'voc' or 'pet'.")
+    config.optimizer = common.optimizer(name="momentum", learning_rate=1e-4, momentum=0.99,
+                                        schedule="constant", warmup_steps=0,
+                                        weight_decay=5e-4, grad_clip_norm=0.0)
+    config.update(batch_size=1, eval_batch_size=1, total_steps=100_000, checkpoint_every=4000,
+                  eval_every=4000)
+    config.data.augment = ()
+  if arg.voc:
+    # VOC 2012 segmentation is not in TFDS (module doc): Cityscapes, 19 classes, instead.
+    num_classes.set(19)
+    config.data.name = "cityscapes/semantic_segmentation"
+  if arg.pet:
+    num_classes.set(2)
+    config.data.name = "oxford_iiit_pet"
+    config.eval_split = "test"
+    config.final_eval_splits = ("test",)
+  if arg.smoke:
+    config.model.update(widths=(2, 2, 4, 4, 4), fc_width=4)
+    common.smoke(config)
   return config

@@ -2,7 +2,8 @@
 
     python -m experiments.train --config=experiments/configs/mask_rcnn.py --workdir=runs/mask_rcnn
 
-Variants: `:faster` drops the mask head (Faster R-CNN), `:smoke` a few steps for tests;
+Variants (comma-separated, e.g. `:faster,smoke`; experiments/configs/common.py): `:faster` drops
+the mask head (Faster R-CNN), `:smoke` a few steps for tests;
 torchvision-sized R50-FPN detectors on real data prepared by the user through TFDS
 (`tfds build NAME --file_format=array_record`; COCO's builder needs TensorFlow to build),
 images resized to a longer side of 800 and padded to 800 x 800 (zoo/data/detection_sources.py):
@@ -27,69 +28,51 @@ min, test box AP 0.199, mask AP 0.133; the runs differ in float rounding, not in
 
 import ml_collections
 
+from experiments.configs import common
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-
+  arg = common.parse_variant(variant, faster=False, voc=False, coco=False, coco_boxes=False,
+                             smoke=False)
+  common.check_exclusive(arg, "voc", "coco", "coco_boxes")
+  # Values the model and the task must agree on (the task normalises the RPN loss by the
+  # number of anchors the model samples).
+  num_classes = ml_collections.FieldReference(10)
+  rpn_batch_size_per_image = ml_collections.FieldReference(64)
+  config = common.trainer_config(batch_size=8, total_steps=1500, checkpoint_every=250,
+                                 eval_every=750, eval_batch_size=32)
   config.model = ml_collections.ConfigDict(dict(
-      name="mask_rcnn_r50_fpn", num_classes=10, width=8, norm="batch", frozen_stages=-1,
+      name="mask_rcnn_r50_fpn", num_classes=num_classes, width=8, norm="batch", frozen_stages=-1,
       fpn_channels=32, anchor_sizes=((8,), (16,), (32,), (64,), (128,)),
       rpn_pre_nms_top_n_train=256, rpn_post_nms_top_n_train=128,
       rpn_pre_nms_top_n_test=256, rpn_post_nms_top_n_test=64,
-      rpn_batch_size_per_image=64, box_batch_size_per_image=64, representation_size=128,
-      mask_channels=32, detections_per_image=16, detection_candidates=256))
-  config.task = ml_collections.ConfigDict(dict(name="detection", num_classes=10, masks=True,
-                                               rpn_batch_size_per_image=64))
-  config.data = ml_collections.ConfigDict(dict(
-      name="digit_canvases", data_dir=ml_collections.FieldReference(None, field_type=str),
-      train_split="train", augment=("photometric",), max_objects=8))
+      rpn_batch_size_per_image=rpn_batch_size_per_image, box_batch_size_per_image=64,
+      representation_size=128, mask_channels=32, detections_per_image=16,
+      detection_candidates=256))
+  config.task = ml_collections.ConfigDict(dict(
+      name="detection", num_classes=num_classes, masks=True,
+      rpn_batch_size_per_image=rpn_batch_size_per_image))
+  config.data = common.digit_canvases()
+  config.optimizer = common.optimizer(name="adam", learning_rate=1e-3, grad_clip_norm=10.0)
 
-  config.batch_size = 8
-  config.eval_batch_size = 32
-  config.total_steps = 1500
-  config.optimizer = ml_collections.ConfigDict(dict(
-      name="adam", learning_rate=1e-3, schedule="cosine", warmup_steps=100, weight_decay=0.0,
-      grad_clip_norm=10.0))
-
-  config.log_every = 50
-  config.checkpoint_every = 250
-  config.keep_checkpoints = 3
-  config.eval_every = 750
-  config.eval_split = "validation"
-  config.final_eval_splits = ("validation", "test")
-  config.mesh = ml_collections.ConfigDict(dict(num_devices=-1, model_axis_size=1))
-
-  if variant == "faster":
-    config.model.name = "faster_rcnn_r50_fpn"
-    config.task.masks = False
-  elif variant == "smoke":
-    config.batch_size = 2
-    config.eval_batch_size = 8
-    config.total_steps = 2
-    config.optimizer.warmup_steps = 1
-    config.log_every = 1
-    config.checkpoint_every = 2
-    config.eval_every = 2
-    config.final_eval_splits = ("validation",)
-  elif variant in ("voc", "coco", "coco_boxes"):
-    num_classes = 20 if variant == "voc" else 80
-    masks = variant == "coco"
+  if arg.voc or arg.coco or arg.coco_boxes:  # torchvision's R50-FPN detectors on real data
+    num_classes.set(20 if arg.voc else 80)
+    rpn_batch_size_per_image.set(256)
     config.model = ml_collections.ConfigDict(dict(
-        name="mask_rcnn_r50_fpn" if masks else "faster_rcnn_r50_fpn", num_classes=num_classes,
-        norm="frozen", frozen_stages=1))
-    config.task = ml_collections.ConfigDict(dict(name="detection", num_classes=num_classes,
-                                                 masks=masks, rpn_batch_size_per_image=256))
-    config.data.update(name={"voc": "voc/2007", "coco": "coco/2017_panoptic",
-                             "coco_boxes": "coco/2017"}[variant], augment=(), max_objects=100)
-    config.eval_split = "test" if variant == "voc" else "validation"
+        name="mask_rcnn_r50_fpn", num_classes=num_classes, norm="frozen", frozen_stages=1,
+        rpn_batch_size_per_image=rpn_batch_size_per_image))
+    config.data.update(name="voc/2007" if arg.voc else "coco/2017_panoptic" if arg.coco else
+                       "coco/2017", augment=(), max_objects=100)
+    config.eval_split = "test" if arg.voc else "validation"
     config.final_eval_splits = (config.eval_split,)
-    config.batch_size = 16
-    config.eval_batch_size = 16
-    config.total_steps = 18000 if variant == "voc" else 90000
+    config.update(batch_size=16, eval_batch_size=16, total_steps=18000 if arg.voc else 90000)
     config.optimizer.update(name="momentum", learning_rate=0.02, warmup_steps=1000,
                             weight_decay=1e-4)
-  elif variant:
-    raise ValueError(f"Unknown mask_rcnn config variant {variant!r}; choose '', 'faster', 'smoke', "
-                     "'voc', 'coco' or 'coco_boxes'.")
+  if arg.faster or arg.voc or arg.coco_boxes:  # no mask head
+    config.model.name = "faster_rcnn_r50_fpn"
+    config.task.masks = False
+  if arg.smoke:
+    common.smoke(config, total_steps=2, batch_size=2, eval_batch_size=8, warmup_steps=1,
+                 log_every=1, eval_every=2)
+    config.final_eval_splits = ("validation",)
   return config

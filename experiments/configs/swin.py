@@ -8,8 +8,9 @@ no drop path, and timm's global_pool="max" instead of the official mean: "which 
 on the canvas" is a presence question, and the mean drowns a 14-30 px digit in the background
 tokens (with the mean the same recipe stayed at the base rate for 800 steps and was still
 flat at step 350 of a 3000-step run; with the max the loss left the base rate by step 500).
-Variants: `swin.py:segmentation` (the same backbone with a light feature-pyramid head, 11-class
-semantic segmentation as the U-Net main job), `:smoke` and `:segmentation_smoke` for tests.
+Variants (comma-separated, experiments/configs/common.py): `swin.py:segmentation` (the same
+backbone with a light feature-pyramid head, 11-class semantic segmentation as the U-Net main
+job), `:smoke` for tests (`:segmentation,smoke`), `:res=96` the 96x96 canvases (window 12).
 
 Result, 2-core CPU shared with ~5 other jobs (load average 10-15), jax 0.10.2, 2026-11-25, the
 command above: 3000 steps in 68 min wall (0.5-1.7 steps/s under that load; the old 800-step
@@ -27,53 +28,35 @@ Swin finds the digits but still confuses them.
 
 import ml_collections
 
+from experiments.configs import common
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.seed = 0
+  arg = common.parse_variant(variant, segmentation=False, smoke=False, res=64)
+  num_classes = ml_collections.FieldReference(10)  # the model's and the task's
+  config = common.trainer_config(batch_size=32, total_steps=3000, checkpoint_every=1000,
+                                 eval_every=1000)
+  # Stage 2 is one window at every canvas size: window = res / patch 4 / 2 (8 at 64 pixels).
   config.model = ml_collections.ConfigDict(dict(
-      name="swin", img_size=64, patch_size=4, in_chans=3, num_classes=10, embed_dim=48,
-      depths=(2, 2), num_heads=(3, 6), window_size=8, mlp_ratio=4.0, qkv_bias=True,
-      drop_path_rate=0.0, global_pool="max"))
-  config.task = ml_collections.ConfigDict(dict(name="multi_label_classification", num_classes=10))
-  config.data = ml_collections.ConfigDict(dict(
-      name="digit_canvases", data_dir=ml_collections.FieldReference(None, field_type=str),
-      train_split="train", augment=("photometric",), max_objects=8))
+      name="swin", img_size=arg.res, patch_size=4, in_chans=3, num_classes=num_classes,
+      embed_dim=48, depths=(2, 2), num_heads=(3, 6), window_size=arg.res // 8, mlp_ratio=4.0,
+      qkv_bias=True, drop_path_rate=0.0, global_pool="max"))
+  config.task = ml_collections.ConfigDict(dict(name="multi_label_classification",
+                                               num_classes=num_classes))
+  config.data = common.digit_canvases(res=arg.res)
+  config.optimizer = common.optimizer(name="adamw", learning_rate=1e-3, warmup_steps=200,
+                                      weight_decay=0.05)
 
-  config.batch_size = 32
-  config.eval_batch_size = 64
-  config.total_steps = 3000
-  config.optimizer = ml_collections.ConfigDict(dict(
-      name="adamw", learning_rate=1e-3, schedule="cosine", warmup_steps=200, weight_decay=0.05,
-      grad_clip_norm=1.0))
-
-  config.log_every = 50
-  config.checkpoint_every = 1000
-  config.keep_checkpoints = 3
-  config.eval_every = 1000
-  config.eval_split = "validation"
-  config.final_eval_splits = ("validation", "test")
-  config.mesh = ml_collections.ConfigDict(dict(num_devices=-1, model_axis_size=1))
-
-  if variant.startswith("segmentation"):  # per-pixel digit classes with a light FPN head
-    config.model.update(name="swin_segmenter", num_classes=11, head_width=64)
+  if arg.segmentation:  # per-pixel digit classes with a light FPN head
+    num_classes.set(11)
+    config.model.update(name="swin_segmenter", head_width=64)
     del config.model["global_pool"]  # no pooled head
-    config.task = ml_collections.ConfigDict(dict(name="semantic_segmentation", num_classes=11))
+    config.task.name = "semantic_segmentation"
     config.total_steps = 1500
     config.optimizer.learning_rate = 2e-3
     config.eval_every = 750
     config.checkpoint_every = 750
-    variant = variant.removeprefix("segmentation").removeprefix("_")
-  if variant == "smoke":
+  if arg.smoke:
     config.model.update(embed_dim=8, depths=(1, 1), num_heads=(1, 2))
-    config.batch_size = 8
-    config.eval_batch_size = 16
-    config.total_steps = 4
-    config.optimizer.warmup_steps = 2
-    config.log_every = 2
-    config.checkpoint_every = 2
-    config.eval_every = 4
-  elif variant:
-    raise ValueError(f"Unknown swin config variant {variant!r}; choose '', 'smoke', "
-                     "'segmentation' or 'segmentation_smoke'.")
+    common.smoke(config, eval_every=4)
   return config

@@ -2,8 +2,9 @@
 
     python -m experiments.train --config=experiments/configs/unet.py --workdir=runs/unet
 
-Variants: `unet.py:paper` is Ronneberger et al.'s VALID-padding U-Net (widths 64..1024;
-for accelerators), `unet.py:smoke` a few steps for tests.
+Variants (comma-separated, experiments/configs/common.py): `unet.py:paper` is Ronneberger et
+al.'s VALID-padding U-Net (widths 64..1024; for accelerators), `:smoke` a few steps for tests
+(`:paper,smoke` the paper's layout narrowed), `:res=96` the 96x96 canvases (2-6 digits).
 
 Result, 2-core CPU (no GPU), jax 0.10.2, 2026-11-25, the command above:
   test mIoU 0.708 (validation 0.721) over the 11 classes, 2200 steps at 5.0 steps/s
@@ -13,45 +14,25 @@ Result, 2-core CPU (no GPU), jax 0.10.2, 2026-11-25, the command above:
 
 import ml_collections
 
+from experiments.configs import common
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-
+  arg = common.parse_variant(variant, paper=False, smoke=False, res=64)
+  num_classes = ml_collections.FieldReference(11)  # the model's and the task's
+  config = common.trainer_config(batch_size=16, total_steps=2200, checkpoint_every=250,
+                                 eval_every=1100)
   config.model = ml_collections.ConfigDict(dict(
-      name="unet", num_classes=11, base_width=16, depth=3, padding="SAME", norm="batch",
+      name="unet", num_classes=num_classes, base_width=16, depth=3, padding="SAME", norm="batch",
       upsample="transpose"))
-  config.task = ml_collections.ConfigDict(dict(name="semantic_segmentation", num_classes=11))
-  config.data = ml_collections.ConfigDict(dict(
-      name="digit_canvases", data_dir=ml_collections.FieldReference(None, field_type=str),
-      train_split="train", augment=("photometric",), max_objects=8))
+  config.task = ml_collections.ConfigDict(dict(name="semantic_segmentation",
+                                               num_classes=num_classes))
+  config.data = common.digit_canvases(res=arg.res)
+  config.optimizer = common.optimizer(name="adam", learning_rate=3e-3)
 
-  config.batch_size = 16
-  config.eval_batch_size = 64
-  config.total_steps = 2200
-  config.optimizer = ml_collections.ConfigDict(dict(
-      name="adam", learning_rate=3e-3, schedule="cosine", warmup_steps=100, weight_decay=0.0,
-      grad_clip_norm=1.0))
-
-  config.log_every = 50
-  config.checkpoint_every = 250
-  config.keep_checkpoints = 3
-  config.eval_every = 1100
-  config.eval_split = "validation"
-  config.final_eval_splits = ("validation", "test")
-  config.mesh = ml_collections.ConfigDict(dict(num_devices=-1, model_axis_size=1))
-
-  if variant == "paper":
+  if arg.paper:
     config.model.update(base_width=64, depth=4, padding="VALID", norm="none")
-  elif variant == "smoke":
+  if arg.smoke:
     config.model.update(base_width=4, depth=2)
-    config.batch_size = 8
-    config.eval_batch_size = 16
-    config.total_steps = 6
-    config.optimizer.warmup_steps = 2
-    config.log_every = 2
-    config.checkpoint_every = 2
-    config.eval_every = 4
-  elif variant:
-    raise ValueError(f"Unknown unet config variant {variant!r}; choose '', 'paper' or 'smoke'.")
+    common.smoke(config, total_steps=6, eval_every=4)
   return config

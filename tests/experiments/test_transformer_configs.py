@@ -10,8 +10,9 @@ from experiments.configs import vit as vit_config
 from zoo import training
 
 DATASET = "digit_canvases/tiny"
-VARIANTS = [(swin_config, v) for v in ("", "smoke", "segmentation", "segmentation_smoke")] + [
-    (vit_config, v) for v in ("", "smoke")]
+VARIANTS = [(swin_config, v) for v in ("", "smoke", "segmentation", "segmentation,smoke",
+                                        "res=96")] + [
+    (vit_config, v) for v in ("", "smoke", "res=96")]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def test_unknown_variant_names_the_choices(module):
 
 
 @pytest.mark.parametrize("module, variant", [(swin_config, "smoke"),
-                                             (swin_config, "segmentation_smoke"),
+                                             (swin_config, "segmentation,smoke"),
                                              (vit_config, "smoke")],
                          ids=["swin", "swin_segmentation", "vit"])
 def test_smoke_variant_trains_and_evaluates(module, variant, data_dir, tmp_path):
