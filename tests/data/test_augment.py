@@ -1,5 +1,6 @@
 """Augmentations: photometric changes only colours (an affine map per channel, channels
-permuted), random_translate and horizontal_flip move every label with the pixels; all
+permuted), random_translate, horizontal_flip and random_scale_crop move every label with
+the pixels; all
 deterministic per rng. (The features of the families to come: tests/data/test_features.py.)"""
 
 import numpy as np
@@ -111,6 +112,26 @@ def test_horizontal_flip_mirrors_everything_together(seed):
     rows, columns = np.nonzero(out["instance_masks"][k])
     np.testing.assert_array_equal(out["boxes"][k], [columns.min(), rows.min(),
                                                     columns.max() + 1, rows.max() + 1])
+
+
+@pytest.mark.parametrize("seed", seeds(4))
+def test_random_scale_crop_keeps_the_labels_consistent(seed):
+  example = fresh_example(seed)
+  out = augment.random_scale_crop(example, np.random.default_rng(seed), min_scale=0.7,
+                                  max_scale=1.5)
+  assert {k: (v.shape, v.dtype) for k, v in out.items()} == {
+      k: (v.shape, v.dtype) for k, v in example.items()}
+  masks = out["instance_masks"] & out["objects_valid"][:, None, None]
+  np.testing.assert_array_equal(out["segmentation"] > 0, masks.any(0))
+  np.testing.assert_array_equal(out["labels"], example["labels"])
+  assert not (out["objects_valid"] & ~example["objects_valid"]).any()
+  for k in np.flatnonzero(out["objects_valid"]):
+    assert (out["segmentation"][masks[k]] == out["labels"][k] + 1).all()
+    # Boxes are scaled exactly; a mask pixel is kept when its centre lies in the box.
+    rows, columns = np.nonzero(masks[k])
+    x1, y1, x2, y2 = out["boxes"][k]
+    assert x1 <= columns.min() + 0.5 and columns.max() + 0.5 <= x2
+    assert y1 <= rows.min() + 0.5 and rows.max() + 0.5 <= y2
 
 
 def test_compose_applies_in_order_and_is_deterministic():

@@ -73,7 +73,8 @@ def test_new_features_are_read_padded_and_batched(source):
   # Training batches and example_batch: the same keys, shapes and dtypes (less example_valid).
   train = next(pipeline.train_batches(
       source, global_batch_size=4, seed=0, features=DENSE, max_length=T,
-      augment=("photometric", "random_translate", "horizontal_flip"), process_index=0,
+      augment=("photometric", "random_translate", "horizontal_flip", "random_scale_crop"),
+      process_index=0,
       process_count=1))
   one = pipeline.example_batch(source, features=DENSE, max_length=T)
   for key in expected.keys() - {"id", "example_valid"}:
@@ -83,8 +84,8 @@ def test_new_features_are_read_padded_and_batched(source):
 
 def test_a_sequence_longer_than_max_length_is_a_clear_error(rng):
   example = synthetic_example(rng, 3, length=T + 2)
-  with pytest.raises(ValueError, match=rf"Example 3 has a frames sequence of length {T + 2}, more "
-                                       rf"than max_length={T}; raise it \(--config.data.max_length"):
+  with pytest.raises(ValueError, match=rf"Example 3 has a frames sequence of length {T + 2}, "
+                                       rf"more than max_length={T}; raise it \(--config"):
     next(iter(pipeline.eval_batches([example], global_batch_size=1, features=("frames",),
                                     max_length=T, process_index=0, process_count=1)))
 
@@ -134,7 +135,8 @@ def test_random_translate_moves_the_new_features_with_the_pixels(rng, seed):
     assert not out[key][uncovered].any(), key  # 0: unknown.
   image2 = example["image2"]
   border = np.concatenate([image2[0], image2[-1], image2[:, 0], image2[:, -1]]).mean(0)
-  np.testing.assert_allclose(out["image2"][uncovered], np.broadcast_to(border, (uncovered.sum(), 3)))
+  np.testing.assert_allclose(out["image2"][uncovered],
+                             np.broadcast_to(border, (uncovered.sum(), 3)))
   for f in range(T):  # Each frame moves alike and fills with its own border's mean.
     frame = example["frames"][f]
     np.testing.assert_array_equal(out["frames"][f][target], frame[origin])
@@ -143,6 +145,86 @@ def test_random_translate_moves_the_new_features_with_the_pixels(rng, seed):
                                np.broadcast_to(border, (uncovered.sum(), 3)), rtol=1e-6)
   assert not out["frames"][2:].any()  # Padding frames stay zero.
   np.testing.assert_array_equal(out["frames_mask"], example["frames_mask"])
+
+
+def scale_and_offset(seed: int, scale: float) -> tuple[int, int]:
+  """random_scale_crop's draws: the scale, then the window's offset over the overhang."""
+  draws = np.random.default_rng(seed)
+  assert draws.uniform(scale, scale) == scale
+  overhang = np.array([round(H * scale) - H, round(W * scale) - W])
+  return tuple(draws.integers(np.minimum(overhang, 0), np.maximum(overhang, 0) + 1))
+
+
+def test_random_scale_crop_by_2_replicates_pixels_and_doubles_pixel_lengths(rng, seed):
+  example = decoded(synthetic_example(rng, 0, length=2))
+  out = augment.random_scale_crop(example, np.random.default_rng(seed), min_scale=2.0,
+                                  max_scale=2.0)
+  oy, ox = scale_and_offset(seed, 2.0)
+
+  def zoomed(x, axes=(0, 1)):  # Nearest-neighbour x2: every pixel becomes 2 x 2, then the window.
+    x = np.repeat(np.repeat(x, 2, axes[0]), 2, axes[1])
+    window = [slice(None)] * x.ndim
+    window[axes[0]], window[axes[1]] = slice(oy, oy + H), slice(ox, ox + W)
+    return x[tuple(window)]
+
+  for key, factor in (("depth", 1), ("normals", 1), ("disparity", 2), ("segmentation", 1)):
+    np.testing.assert_allclose(out[key], zoomed(example[key]) * factor, rtol=1e-6, err_msg=key)
+  np.testing.assert_array_equal(out["instance_masks"], zoomed(example["instance_masks"], (1, 2)))
+  for k in range(3):  # Boxes scale exactly with the replicated masks; emptied ones are invalid.
+    mask = out["instance_masks"][k]
+    assert out["objects_valid"][k] == (example["objects_valid"][k] and mask.any())
+    if out["objects_valid"][k]:
+      rows, columns = np.nonzero(mask)
+      np.testing.assert_array_equal(out["boxes"][k], [columns.min(), rows.min(),
+                                                      columns.max() + 1, rows.max() + 1])
+  # Bilinear maps: a pixel of the zoomed canvas interpolates between its two nearest source
+  # pixels (a quarter and three quarters) along each axis, edges replicated; flow doubles.
+  def bilinear_x2(x):
+    for axis in (0, 1):
+      padded = np.concatenate([np.take(x, [0], axis), x, np.take(x, [-1], axis)], axis)
+      n = x.shape[axis]
+      middle = np.take(x, np.arange(n), axis) * 0.75
+      left = np.take(padded, np.arange(n), axis) * 0.25 + middle
+      right = middle + np.take(padded, np.arange(2, n + 2), axis) * 0.25
+      x = np.stack([left, right], axis + 1).reshape(x.shape[:axis] + (2 * n,) + x.shape[axis + 1:])
+    return x[oy:oy + H, ox:ox + W]
+
+  np.testing.assert_allclose(out["image2"], bilinear_x2(example["image2"]), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out["flow"], bilinear_x2(example["flow"]) * 2, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out["frames"][1], bilinear_x2(example["frames"][1]), rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_random_scale_crop_by_half_averages_and_pads(rng, seed):
+  example = decoded(synthetic_example(rng, 0, length=1), ("image", "flow", "depth"))
+  out = augment.random_scale_crop(example, np.random.default_rng(seed), min_scale=0.5,
+                                  max_scale=0.5)
+  oy, ox = scale_and_offset(seed, 0.5)
+  inside = (slice(-oy, -oy + H // 2), slice(-ox, -ox + W // 2))
+  uncovered = np.ones((H, W), bool)
+  uncovered[inside] = False
+
+  def pooled(x):  # Bilinear at half size: the mean of each 2 x 2 block.
+    return x.reshape(H // 2, 2, W // 2, 2, -1).mean((1, 3)).reshape((H // 2, W // 2) + x.shape[2:])
+
+  np.testing.assert_allclose(out["image"][inside], pooled(example["image"]), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out["flow"][inside], pooled(example["flow"]) / 2, rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_array_equal(out["depth"][inside], example["depth"][1::2, 1::2])  # Nearest.
+  image = example["image"]
+  border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).mean(0)
+  np.testing.assert_allclose(out["image"][uncovered], np.broadcast_to(border, (uncovered.sum(), 3)),
+                             rtol=1e-6)
+  assert not out["flow"][uncovered].any() and not out["depth"][uncovered].any()
+
+
+def test_random_scale_crop_by_1_changes_nothing(rng):
+  example = decoded(synthetic_example(rng, 0, length=2))
+  out = augment.random_scale_crop(example, rng, min_scale=1.0, max_scale=1.0)
+  for key in example:
+    np.testing.assert_array_equal(out[key], example[key], err_msg=key)
+  with pytest.raises(ValueError, match="Need 0 < min_scale <= max_scale"):
+    augment.random_scale_crop(example, rng, min_scale=1.5, max_scale=1.0)
 
 
 def test_photometric_changes_image_pairs_alike_and_each_frame_by_its_own_mean(rng, seed):

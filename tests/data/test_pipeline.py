@@ -130,7 +130,8 @@ def test_host_shards_partition_the_training_split(tiny_sources, process_count):
   np.testing.assert_array_equal(np.sort(np.concatenate(epoch)), np.arange(32))
 
 
-@pytest.mark.parametrize("augment", [(), ("photometric", "random_translate")])
+@pytest.mark.parametrize("augment", [(), ("photometric", "random_translate"),
+                                     ("random_scale_crop", "horizontal_flip")])
 def test_resume_from_state_is_exact(tiny_sources, augment):
   rng = np.random.default_rng()
   k, n = (int(v) for v in rng.integers(1, 12, size=2))  # Crosses epoch ends (32 / 3).

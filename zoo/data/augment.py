@@ -9,7 +9,8 @@ An example here is one unbatched element: any subset of the features of `zoo.dat
 in their shapes and dtypes there. The augmentations never name a feature: a geometric one
 moves every present feature by its spec's `geometry` (maps move with the pixels, boxes with
 them and are clipped, slot validity follows, flow's u and normals' x change sign under a
-flip), and `photometric` changes the features whose spec says `photometric` (colour images).
+flip, flow and disparity scale with a zoom), and `photometric` changes the features whose
+spec says `photometric` (colour images).
 """
 
 from typing import Callable, Sequence
@@ -80,10 +81,33 @@ def horizontal_flip(example: dict, rng: np.random.Generator, *,
                 off_canvas=False)
 
 
+def random_scale_crop(example: dict, rng: np.random.Generator, *, min_scale: float = 0.8,
+                      max_scale: float = 1.25) -> dict:
+  """Zooms the canvas by s ~ U(min_scale, max_scale) and keeps an H x W window of the zoomed
+  canvas at a uniformly random integer offset (s > 1 crops, s < 1 pads).
+
+  Every feature moves by its `geometry.scaled` (`zoo.data.features`): maps are resampled
+  (bilinear or nearest, per feature) with uncovered pixels filled as by `random_translate`;
+  flow and disparity are multiplied by s; boxes and proposals are scaled, shifted and
+  clipped, and validity follows as in `random_translate`. Draws s, then the offsets (oy, ox).
+  """
+  if not 0 < min_scale <= max_scale:
+    raise ValueError(f"Need 0 < min_scale <= max_scale, got {min_scale}, {max_scale}.")
+  scale = rng.uniform(min_scale, max_scale)
+  canvas_shape = _canvas_shape(example, "random_scale_crop")
+  # The zoomed canvas spans size * s pixels; the window's offset ranges over its overhang.
+  overhang = [round(size * scale) - size for size in canvas_shape]
+  offset = tuple(int(v) for v in rng.integers([min(o, 0) for o in overhang],
+                                              [max(o, 0) + 1 for o in overhang]))
+  return _moved(example, lambda geometry, x: geometry.scaled(x, scale, offset, canvas_shape),
+                off_canvas=True)
+
+
 AUGMENTATIONS: dict[str, Augmentation] = {
     "photometric": photometric,
     "random_translate": random_translate,
     "horizontal_flip": horizontal_flip,
+    "random_scale_crop": random_scale_crop,
 }
 
 

@@ -6,14 +6,15 @@ task asks for by looping over their specs, and `zoo.data.augment` moves them by 
 their `geometry`; neither names a feature. Registering a new feature is one call, here or
 in the module that needs it:
 
-    features.register(features.Feature(
-        name="flow", dtype=np.float32, shape=lambda layout: (*layout.canvas_shape, 2),
-        read=lambda example, layout: np.asarray(example["flow"], np.float32),
-        source=("flow",), geometry=features.PixelMap(negated_on_flip=(0,))))
+    features.register(features.Feature(   # KITTI's sparse flow: where it was measured
+        name="flow_valid", dtype=np.bool_, shape=lambda layout: layout.canvas_shape,
+        read=lambda example, layout: np.asarray(example["flow_valid"], bool),
+        source=("flow_valid",), padding=False, geometry=features.PixelMap(fill=False)))
 
-after which `pipeline.train_batches(..., features=("image", "flow"), augment=(...))` reads,
-pads, batches, flips and translates it. A sequence is three features (`sequence`). A new
-geometric augmentation adds one method to `Geometry` and to each of its subclasses.
+after which `pipeline.train_batches(..., features=("flow", "flow_valid"), augment=(...))`
+reads, pads, batches, translates, flips and zooms it. A sequence is three features
+(`sequence`). A new geometric augmentation adds one method to `Geometry` and to each of its
+subclasses.
 
 Conventions: x right, y down; boxes (x1, y1, x2, y2) in pixel-edge coordinates (a box over
 pixel columns 3..7 has x1 = 3, x2 = 8). Shapes of one example (a batch adds B in front), with
@@ -42,12 +43,16 @@ H, W the source's canvas and M, P, T the `Layout`'s max_objects, max_proposals, 
   normals:         (H, W, 3) float32 unit surface normals (x right, y down, z away from the
                    camera), 0 = unknown; a flip negates x.
   frames:          (T, H, W, 3) float32 in [0, 1], from uint8 `frames` (t, H, W, 3), t <= T;
-                   zero frames after t.
+                   the frames after t are padding (zero, until photometric changes them too).
   frames_lengths:  () int32, t (0 on eval padding).
   frames_mask:     (T,) bool, True on the t real frames.
 
-Pixels a translation uncovers: images the mean colour of their border (per frame), label maps
-the background class 0, masks False, flow / depth / disparity / normals 0 (unknown).
+Pixels a translation or zoom uncovers: images the mean colour of their border (per frame),
+label maps the background class 0, masks False, flow / depth / disparity / normals 0
+(unknown). A zoom by s resamples images, image2, frames and flow bilinearly and the rest by
+nearest neighbour (label maps, masks, sparse depth and disparity, unit normals), and
+multiplies flow and disparity (lengths in pixels) by s; depth and normals keep their values
+(a zoom stands for a longer focal length: the scene's distances and orientations stay).
 """
 
 import dataclasses
@@ -74,7 +79,7 @@ class Layout:
 class Geometry:
   """How a feature moves with the canvas. This base: it does not (labels, ids, lengths)."""
 
-  # Whether `translated` / `flipped` need the canvas size (read from a PixelMap feature).
+  # Whether its moves need the canvas size (read from a PixelMap feature of the example).
   needs_canvas: ClassVar[bool] = False
 
   def translated(self, x: np.ndarray, dy: int, dx: int,
@@ -84,6 +89,13 @@ class Geometry:
 
   def flipped(self, x: np.ndarray, canvas_shape: tuple[int, int]) -> np.ndarray:
     """`x` after a left-right mirror of the canvas (pixel column c -> W - 1 - c)."""
+    return x
+
+  def scaled(self, x: np.ndarray, scale: float, offset: tuple[int, int],
+             canvas_shape: tuple[int, int]) -> np.ndarray:
+    """`x` after the canvas was zoomed by `scale` and the H x W window at `offset` (oy, ox)
+    pixels of the zoomed canvas kept: a canvas point (y, x) goes to (y, x) * scale - offset
+    (pixel-edge coordinates; negative offsets pad)."""
     return x
 
   def revalidated(self, x: np.ndarray, moved: dict) -> np.ndarray:
@@ -109,10 +121,22 @@ class PixelMap(Geometry):
       slot or frame, the mean of the map's border pixels).
     negated_on_flip: channels (last axis) whose sign a left-right flip reverses: flow's u,
       a normal's x.
+    interpolation: how a zoom resamples it: "nearest" (labels, masks, sparse measurements
+      where 0 means none, unit vectors) or "bilinear" (images, dense flow); pixel centres
+      at half-integers, edges replicated.
+    in_pixels: whether its values are lengths on the canvas (flow, disparity): a zoom by s
+      multiplies them by s.
   """
   axes: tuple[int, int] = (0, 1)
   fill: Any = 0
   negated_on_flip: tuple[int, ...] = ()
+  interpolation: str = "nearest"
+  in_pixels: bool = False
+
+  def __post_init__(self):
+    if self.interpolation not in ("nearest", "bilinear"):
+      raise ValueError(f"PixelMap interpolation must be 'nearest' or 'bilinear', got "
+                       f"{self.interpolation!r}.")
 
   def translated(self, x, dy, dx, canvas_shape):
     fill = _border_mean(x, self.axes) if self.fill == BORDER_MEAN else self.fill
@@ -124,6 +148,20 @@ class PixelMap(Geometry):
       x = x.copy()
       x[..., list(self.negated_on_flip)] *= -1
     return x
+
+  def scaled(self, x, scale, offset, canvas_shape):
+    fill = _border_mean(x, self.axes) if self.fill == BORDER_MEAN else self.fill
+    inside = True
+    for axis, shift in zip(self.axes, offset):
+      size = x.shape[axis]
+      # Output pixel i's centre i + 0.5 comes from canvas point (i + 0.5 + shift) / scale.
+      source = (np.arange(size) + 0.5 + shift) / scale - 0.5
+      x = _resampled(x, np.clip(source, 0, size - 1), axis, self.interpolation)
+      inside = inside & np.expand_dims((source >= -0.5) & (source <= size - 0.5),
+                                       [a for a in range(x.ndim) if a != axis])
+    if self.in_pixels:
+      x = x * np.asarray(scale, x.dtype)
+    return np.where(inside, x, np.asarray(fill, x.dtype))
 
   def on_canvas(self, x):
     return x.any(axis=self.axes)
@@ -149,14 +187,20 @@ class Boxes(Geometry):
     return np.stack([width - x[..., 2], x[..., 1], width - x[..., 0], x[..., 3]],
                     -1).astype(np.float32)
 
+  def scaled(self, x, scale, offset, canvas_shape):
+    height, width = canvas_shape
+    oy, ox = offset
+    x = x * np.float32(scale) - np.array([ox, oy, ox, oy], np.float32)
+    return np.clip(x, 0, np.array([width, height, width, height], np.float32)).astype(np.float32)
+
   def on_canvas(self, x):
     return (x[..., 2] > x[..., 0]) & (x[..., 3] > x[..., 1])
 
 
 @dataclasses.dataclass(frozen=True)
 class Validity(Geometry):
-  """A (slots,) bool mask. After a move that can push things off the canvas (a translation),
-  a slot stays valid only if the first of `evidence` present still shows it (`on_canvas`:
+  """A (slots,) bool mask. After a move that can push things off the canvas (a translation,
+  a zoom), a slot stays valid only if the first of `evidence` present still shows it (`on_canvas`:
   an object with an empty mask, or a box of zero area when masks are not present)."""
   evidence: tuple[str, ...] = ()
 
@@ -344,7 +388,7 @@ def _canvas(*channels: int):
 _OBJECTS = ("objects_valid",)
 _NO_PROPOSALS = ("load the source with a proposal file (--config.data.proposals=FILE, "
                  "zoo.data.proposal_files)")
-_IMAGE = PixelMap(fill=BORDER_MEAN)
+_IMAGE = PixelMap(fill=BORDER_MEAN, interpolation="bilinear")
 
 register(
     Feature("image", np.float32, _canvas(3), _image("image"), ("image",), geometry=_IMAGE,
@@ -375,16 +419,18 @@ register(
     Feature("image2", np.float32, _canvas(3), _image("image2"), ("image2",), geometry=_IMAGE,
             photometric=True, decode_lazily=True),
     Feature("flow", np.float32, _canvas(2), _map("flow"), ("flow",),
-            geometry=PixelMap(fill=0, negated_on_flip=(0,)), decode_lazily=True),
+            geometry=PixelMap(fill=0, negated_on_flip=(0,), interpolation="bilinear",
+                              in_pixels=True), decode_lazily=True),
     Feature("depth", np.float32, _canvas(), _map("depth"), ("depth",),
             geometry=PixelMap(fill=0), decode_lazily=True),
     Feature("disparity", np.float32, _canvas(), _map("disparity"), ("disparity",),
-            geometry=PixelMap(fill=0), decode_lazily=True),
+            geometry=PixelMap(fill=0, in_pixels=True), decode_lazily=True),
     Feature("normals", np.float32, _canvas(3), _map("normals"), ("normals",),
             geometry=PixelMap(fill=0, negated_on_flip=(0,)), decode_lazily=True),
     *sequence("frames", dtype=np.float32, item_shape=_canvas(3),
               read=lambda frames: np.asarray(frames, np.float32) / 255.0,
-              geometry=PixelMap(axes=(1, 2), fill=BORDER_MEAN), photometric=True,
+              geometry=PixelMap(axes=(1, 2), fill=BORDER_MEAN, interpolation="bilinear"),
+              photometric=True,
               decode_lazily=True),
 )
 
@@ -394,6 +440,16 @@ def _border_mean(x: np.ndarray, axes: tuple[int, int]) -> np.ndarray:
   moved = np.moveaxis(x, axes, (0, 1))
   border = np.concatenate([moved[0], moved[-1], moved[:, 0], moved[:, -1]])
   return np.expand_dims(border.mean(0), axes)
+
+
+def _resampled(x: np.ndarray, source: np.ndarray, axis: int, interpolation: str) -> np.ndarray:
+  """`x` sampled along `axis` at the (n,) coordinates `source` (in [0, size - 1])."""
+  if interpolation == "nearest":
+    return np.take(x, np.floor(source + 0.5).astype(int), axis=axis)
+  low = np.floor(source).astype(int)
+  high = np.minimum(low + 1, x.shape[axis] - 1)
+  weight = np.expand_dims((source - low).astype(x.dtype), [a for a in range(x.ndim) if a != axis])
+  return np.take(x, low, axis=axis) * (1 - weight) + np.take(x, high, axis=axis) * weight
 
 
 def _translated(x: np.ndarray, dy: int, dx: int, fill, *, axes: tuple[int, int]) -> np.ndarray:
