@@ -43,22 +43,26 @@ import ml_collections
 DIGIT_CANVASES = {64: "digit_canvases", 96: "digit_canvases/canvas96"}
 
 
-def parse_variant(argument: str, **options: Any) -> ml_collections.ConfigDict:
+def parse_variant(argument: str, **options: Any) -> ml_collections.FrozenConfigDict:
   """The options named in a config's variant argument, the others at their defaults.
 
   Args:
     argument: the string after `FILE.py:`, comma-separated: `name` for an option whose default
       is False (a switch: naming it sets True), `name=value` for any other option (converted
       to the type of its default: int, float or str). `""` leaves every default.
-    **options: each accepted option and its default.
+    **options: each accepted option and its default: False (a switch), or an int, float or str.
 
   Returns:
-    A locked ConfigDict: option name -> value (`arg.smoke`, `arg.res`).
+    A FrozenConfigDict: option name -> value (`arg.smoke`, `arg.res`).
 
   Raises:
     ValueError: for an unknown or repeated name, a switch given a value, another option
       without one, or a value its type cannot take; the message lists the accepted options.
   """
+  for name, default in options.items():
+    if default is not False and type(default) not in (int, float, str):
+      raise ValueError(f"Config variant option {name!r} defaults to {default!r}; give a switch "
+                       "the default False, any other option an int, float or str default.")
   accepted = ", ".join(name if default is False else f"{name}=<{type(default).__name__}>"
                        for name, default in options.items())
   values = dict(options)
@@ -67,7 +71,7 @@ def parse_variant(argument: str, **options: Any) -> ml_collections.ConfigDict:
     name, has_value, text = item.partition("=")
     if name not in options:
       raise ValueError(f"Unknown config variant {name!r} in {argument!r}; choose from: "
-                       f"{accepted} (comma-separated, e.g. 'smoke' or 'res=96,smoke').")
+                       f"{accepted} (comma-separated switches and name=value pairs).")
     if name in seen:
       raise ValueError(f"Config variant {name!r} is given twice in {argument!r}; give it once.")
     seen.add(name)
@@ -85,12 +89,10 @@ def parse_variant(argument: str, **options: Any) -> ml_collections.ConfigDict:
       values[name] = type(default)(text)
     except ValueError:
       raise ValueError(f"Config variant {item!r}: {text!r} is not a {type(default).__name__}.") from None
-  arg = ml_collections.ConfigDict(values)
-  arg.lock()
-  return arg
+  return ml_collections.FrozenConfigDict(values)
 
 
-def check_exclusive(arg: ml_collections.ConfigDict, *names: str):
+def check_exclusive(arg: ml_collections.FrozenConfigDict, *names: str):
   """Raises ValueError if more than one of the switches `names` is on in `arg`."""
   chosen = [name for name in names if arg[name]]
   if len(chosen) > 1:
