@@ -49,6 +49,24 @@ def test_photometric_is_a_per_channel_affine_map_with_permuted_channels(seed):
   assert sorted(matched) == [0, 1, 2]
 
 
+@pytest.mark.parametrize("seed", seeds(2))
+def test_augmentations_draw_what_they_always_drew(seed):
+  """Training runs reproduce their numbers: photometric draws contrast, brightness, then the
+  channel order; random_translate one (dy, dx) pair; exactly, so the outputs are bit-equal."""
+  example = fresh_example(seed)
+  draws = np.random.default_rng(seed)
+  contrast, brightness = draws.uniform(0.75, 1.25), draws.uniform(-0.1, 0.1)
+  permutation, (dy, dx) = draws.permutation(3), draws.integers(-4, 5, size=2)
+  image = example["image"]
+  expected = ((image - image.mean()) * contrast + image.mean() + brightness)[..., permutation]
+  rng = np.random.default_rng(seed)
+  out = augment.photometric(example, rng)
+  np.testing.assert_array_equal(out["image"], np.clip(expected, 0.0, 1.0).astype(np.float32))
+  moved = augment.random_translate(example, rng)
+  np.testing.assert_array_equal(moved["boxes"][0], np.clip(example["boxes"][0] + [dx, dy, dx, dy],
+                                                           0, 64))
+
+
 @pytest.mark.parametrize("seed", seeds(6))
 def test_random_translate_moves_everything_together(seed):
   example = fresh_example(seed)
