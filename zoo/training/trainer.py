@@ -154,10 +154,12 @@ class Experiment:
                             proposals=data.get("proposals"))
 
   def batch_layout(self) -> dict:
-    """What a batch holds: the pipeline's `features`, `max_objects`, `max_proposals`."""
+    """What a batch holds: the task's `features`, padded to `max_objects`, `max_proposals`
+    and `max_length` (sequences)."""
     data = self.config.data
     return dict(features=self.task.features, max_objects=data.get("max_objects", 8),
-                max_proposals=data.get("max_proposals", 2000))
+                max_proposals=data.get("max_proposals", 2000),
+                max_length=data.get("max_length", 16))
 
   def train_iterator(self):
     data = self.config.data
@@ -168,9 +170,8 @@ class Experiment:
   def example_inputs(self) -> dict:
     """The model's inputs for one unaugmented training example: parameters are
     initialised from their shapes."""
-    batch = next(iter(pipeline.eval_batches(
-        self.data_source(self.config.data.train_split),
-        global_batch_size=jax.process_count(), **self.batch_layout())))
+    batch = pipeline.example_batch(self.data_source(self.config.data.train_split),
+                                   **self.batch_layout())
     return self.task.model_inputs(batch, train=False)
 
   def abstract_state(self) -> TrainState:
