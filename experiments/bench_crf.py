@@ -20,17 +20,19 @@ Rows, one per (size, implementation):
   xla          chunked XLA (any backend);
   pallas_gpu   the Mosaic GPU kernel: timed on a Hopper GPU only;
   pallas_tpu   the Mosaic TPU kernel: timed on a TPU only;
-  pydensecrf   Krähenbühl's C++ code (pydensecrf / pydensecrf2) on one CPU core, when it
-               imports: APPROXIMATE (permutohedral lattice, which also blurs each pixel with
-               itself), run with NO_NORMALIZATION and Potts compatibilities, the semantics
-               closest to ours; its row reports how many pixels' labels (argmax) differ from
-               the exact xla result. It has no backward.
+  pydensecrf   Krähenbühl's C++ code (pydensecrf / pydensecrf2) on one CPU core, in a process
+               of its own (experiments/peers/pydensecrf_mean_field.py, run by `--torch_python`,
+               default this interpreter) when it imports there: APPROXIMATE (permutohedral
+               lattice, which also blurs each pixel with itself), run with NO_NORMALIZATION and
+               Potts compatibilities, the semantics closest to ours; its row reports how many
+               pixels' labels (argmax) differ from the exact xla result. It has no backward.
 Pallas rows on a machine without their accelerator would run in interpret mode (a correctness
 tool, far too slow to time): they are not timed, only their "pairs kept" is printed.
 
 Columns: forward = Q from (logits, image); fwd+bwd = Q and the gradient of sum(Q * cotangent)
 with respect to the logits, bi_w and pos_w (the CRF-as-RNN training step's CRF part); jitted,
-warm-up excluded, median of --repeats calls. "pairs kept" is the fraction of (query tile, key
+warm-up excluded, median of --repeats calls, one call per window, the rows of a size taking
+turns window by window ("windows" lists them all: forward | fwd+bwd). "pairs kept" is the fraction of (query tile, key
 tile) pairs the Pallas kernels compute (the rest are beyond the 1e-12 cutoff), from the same
 bounding-box test in XLA.
 
@@ -44,12 +46,11 @@ bfloat16 (accelerator, 4096^3) product; --exp_rate and --matmul_flops override t
 The floor counts every pair; the Pallas kernels skip some, so they can beat it.
 """
 
-import importlib
 import os
-import statistics
-import time
 
-from absl import app, flags
+from absl import flags
+
+from experiments import benchmarking
 
 IMPLEMENTATIONS = ("xla", "pallas_gpu", "pallas_tpu", "pydensecrf")
 SIZES = flags.DEFINE_list("sizes", ["321x321", "500x375"], "Images as HxW (rows x columns).")
@@ -60,10 +61,9 @@ IMPLS = flags.DEFINE_list("implementations", list(IMPLEMENTATIONS),
 BACKWARD = flags.DEFINE_bool("backward", True, "Also time forward+backward.")
 REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per row; the median is reported.")
 SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic scene, logits and cotangent.")
-QUICK = flags.DEFINE_bool("quick", False, "A 96x128 image unless --sizes is given.")
 EXP_RATE = flags.DEFINE_float("exp_rate", None, "Exponentials per second (default: measured).")
 MATMUL_FLOPS = flags.DEFINE_float("matmul_flops", None, "Matmul FLOP/s (default: measured).")
-MARKDOWN = flags.DEFINE_bool("markdown", False, "Print the table as Markdown.")
+BENCH = benchmarking.BenchmarkFlags(quick={"sizes": ["96x128"]})
 
 PARAMS = dict(pos_w=3.0, pos_xy_std=1.0, bi_w=4.0, bi_xy_std=67.0, bi_rgb_std=3.0)
 
@@ -92,146 +92,76 @@ def scene(np, height, width, labels, seed):
   return image, logits.astype(np.float32), truth
 
 
-def median_ms(run, sync, repeats):
-  sync(run())  # warm-up: compilation
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    sync(run())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times) * 1e3
-
-
-def device_rates(jax, jnp, platform):
-  """(exponentials / s, matmul FLOP / s) measured on the default device."""
-  # exp(-(a_i - b_j)^2) summed over j: the filter's own pattern, fused, no memory traffic.
+def exp_rate(jax, jnp, platform) -> float:
+  """Exponentials per second on the default device, in the filter's own pattern:
+  exp(-(a_i - b_j)^2) summed over j, fused, no memory traffic."""
   m = 2048 if platform == "cpu" else 16384
   a = jnp.linspace(0.0, 1.0, m, dtype=jnp.float32)
   f = jax.jit(lambda a, b: jnp.sum(jnp.exp(-jnp.square(a[:, None] - b[None, :])), axis=1))
-  exp_ms = median_ms(lambda: f(a, a + 0.5), jax.block_until_ready, 5)
-  dtype = jnp.float32 if platform == "cpu" else jnp.bfloat16
-  n = 2048 if platform == "cpu" else 4096
-  a = jnp.ones((n, n), dtype)
-  g = jax.jit(lambda a: a @ a)
-  mm_ms = median_ms(lambda: g(a), jax.block_until_ready, 5)
-  return m * m / (exp_ms / 1e3), 2 * n ** 3 / (mm_ms / 1e3), jnp.dtype(dtype).name
+  timed = benchmarking.Timed(lambda: f(a, a + 0.5), jax.block_until_ready, calls=1)
+  return m * m / benchmarking.alternate({"exp": timed}, 5)["exp"].median
 
 
-def pydensecrf_module():
-  try:
-    import pydensecrf.densecrf as dcrf  # pydensecrf and pydensecrf2 both install this name
-    return dcrf
-  except ImportError:
-    return None
-
-
-def run_pydensecrf(dcrf, np, image, logits, iterations):
-  """Q (H, W, L) float32 from Krähenbühl's permutohedral mean field with our parameters."""
-  h, w, l = logits.shape
-  crf = dcrf.DenseCRF2D(w, h, l)
-  crf.setUnaryEnergy(np.ascontiguousarray(-logits.reshape(-1, l).T, np.float32))
-  # PottsCompatibility(w) adds +w * filtered Q of the same label, which (rows of Q summing to 1)
-  # is our Potts energy up to a per-pixel constant; NO_NORMALIZATION = our unnormalised kernels.
-  crf.addPairwiseGaussian(sxy=PARAMS["pos_xy_std"], compat=PARAMS["pos_w"],
-                          kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NO_NORMALIZATION)
-  crf.addPairwiseBilateral(sxy=PARAMS["bi_xy_std"], srgb=PARAMS["bi_rgb_std"],
-                           rgbim=np.ascontiguousarray(image), compat=PARAMS["bi_w"],
-                           kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NO_NORMALIZATION)
-  q = np.array(crf.inference(iterations), np.float32)
-  return q.T.reshape(h, w, l)
-
-
-def pairs_kept(name, image):
-  """Fraction of (query tile, key tile) pairs the Pallas kernel `name` computes (not skipped)."""
-  m = importlib.import_module("kernels.dense_crf")  # kernels.dense_crf is the function
-  return float(m.tile_pairs_kept(image, bi_xy_std=PARAMS["bi_xy_std"],
-                                 bi_rgb_std=PARAMS["bi_rgb_std"], implementation=name)[0])
-
-
-def main(argv):
-  del argv
+def main():
   import jax
   import jax.numpy as jnp
   import numpy as np
 
   import kernels
+  from kernels.crf.api import tile_pairs_kept
 
-  unknown = [i for i in IMPLS.value if i not in IMPLEMENTATIONS]
-  if unknown:
-    raise ValueError(f"--implementations: {unknown} are not among {IMPLEMENTATIONS}.")
-  sizes = SIZES.value if (not QUICK.value or flags.FLAGS["sizes"].present) else ["96x128"]
+  requested = benchmarking.checked_names(IMPLS, IMPLEMENTATIONS)
   try:
-    sizes = [tuple(int(v) for v in s.lower().split("x")) for s in sizes]
+    sizes = [tuple(int(v) for v in s.lower().split("x")) for s in BENCH.setting(SIZES)]
   except ValueError:
     raise ValueError(f"--sizes takes HxW values such as 321x321, got {SIZES.value}.") from None
   device = jax.devices()[0]
   platform = device.platform
-  exp_rate, mm_rate, mm_dtype = device_rates(jax, jnp, platform)
-  exp_rate = EXP_RATE.value or exp_rate
-  mm_rate = MATMUL_FLOPS.value or mm_rate
-  labels, iterations = LABELS.value, ITERATIONS.value
+  exps_per_s = EXP_RATE.value or exp_rate(jax, jnp, platform)
+  mm_dtype = "float32" if platform == "cpu" else "bfloat16"
+  mm_flops = MATMUL_FLOPS.value or 1e9 * benchmarking.measured_matmul_gflops(
+      jax, jnp, 2048 if platform == "cpu" else 4096, jnp.dtype(mm_dtype))
+  labels, iterations, repeats = LABELS.value, ITERATIONS.value, REPEATS.value
   print(f"dense CRF mean field: L={labels}, {iterations} iterations, {PARAMS}")
-  print(f"device: {device.device_kind} ({platform}), jax {jax.__version__}, {os.cpu_count()} host "
-        f"cores; exp rate {exp_rate:.3g}/s{'' if EXP_RATE.value else ' (measured)'}, matmul "
-        f"{mm_rate:.3g} FLOP/s{'' if MATMUL_FLOPS.value else f' ({mm_dtype}, measured)'}; median of "
-        f"{REPEATS.value} calls")
-  dcrf = pydensecrf_module() if "pydensecrf" in IMPLS.value else None
-  if "pydensecrf" in IMPLS.value and dcrf is None:
-    print("pydensecrf: not importable here (pip install pydensecrf2, which builds Krähenbühl's "
-          "C++ code): rows skipped")
+  print(benchmarking.device_line(jax))
+  print(f"exp rate {exps_per_s:.3g}/s{'' if EXP_RATE.value else ' (measured)'}, matmul "
+        f"{mm_flops:.3g} FLOP/s{'' if MATMUL_FLOPS.value else f' ({mm_dtype}, measured)'}; median "
+        f"of {repeats} calls, the rows of a size taking turns")
+  peer = None
+  if "pydensecrf" in requested:
+    peer, note = benchmarking.start_peer("experiments.peers.pydensecrf_mean_field",
+                                         BENCH.torch_python.value, "pydensecrf")
+    if note:
+      print(f"{note}: rows skipped (pip install pydensecrf2 builds Krähenbühl's C++ code)")
 
-  header = ["size", "implementation", "forward ms", "fwd+bwd ms", "floor ms", "of floor",
-            "pairs kept", "max |Q - xla|", "labels != xla"]
-  widths = [9, 14, 11, 11, 9, 9, 10, 13, 13]
-
-  def emit(cells):
-    if MARKDOWN.value:
-      print("| " + " | ".join(str(c) for c in cells) + " |")
-    else:
-      print(" ".join(f"{str(c):>{w}s}" if i >= 2 else f"{str(c):{w}s}"
-                     for i, (c, w) in enumerate(zip(cells, widths))))
-
-  emit(header)
-  if MARKDOWN.value:
-    print("|" + "---|" * len(header))
+  table = benchmarking.Table(
+      ["size", "implementation", "forward ms", "fwd+bwd ms", "floor ms", "of floor",
+       "pairs kept", "max |Q - xla|", "labels != xla", "windows ms"],
+      widths={"size": 9, "of floor": 13}, labels=2, markdown=BENCH.markdown.value)
   notes = []
-  accelerator = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
   for height, width in sizes:
     image_np, logits_np, _ = scene(np, height, width, labels, SEED.value)
     image = jnp.asarray(image_np[None], jnp.float32)
     logits = jnp.asarray(logits_np[None])
-    cotangent = jnp.asarray(np.random.default_rng(SEED.value + 1).normal(size=logits.shape), jnp.float32)
+    cotangent = jnp.asarray(np.random.default_rng(SEED.value + 1).normal(size=logits.shape),
+                            jnp.float32)
     n = height * width
-    exps = n * n * iterations
-    flops = 2 * n * n * (labels + 8) * iterations
-    floor_fwd = max(exps / exp_rate, flops / mm_rate) * 1e3
+    floor_fwd = max(n * n * iterations / exps_per_s,
+                    2 * n * n * (labels + 8) * iterations / mm_flops)
     size = f"{height}x{width}"
-    reference = None
-    for name in IMPLS.value:
+    rows, kept = {}, {}
+    for name in requested:
       if name == "pydensecrf":
-        if dcrf is None:
-          continue
-        times = []
-        for _ in range(REPEATS.value):
-          start = time.perf_counter()
-          q = run_pydensecrf(dcrf, np, image_np, logits_np, iterations)
-          times.append(time.perf_counter() - start)
-        fwd = statistics.median(times) * 1e3
-        diff, differ = "-", "-"   # without an xla row there is nothing exact to compare with
-        if reference is not None:
-          diff = f"{np.abs(q - reference).max():.2e}"
-          differ = f"{(q.argmax(-1) != reference.argmax(-1)).mean():.2%}"
-        emit([size, "pydensecrf", f"{fwd:.1f}", "-", "-", "-", "-", diff, differ])
         continue
-      kept = "-"
       if name.startswith("pallas"):
-        kept = f"{pairs_kept(name, image):.1%}"
-      if name in accelerator and platform != accelerator[name]:
-        notes.append(f"{name}: no {accelerator[name].upper()} here; interpret mode is a "
-                     "correctness tool, not timed")
-        emit([size, name, "-", "-", "-", "-", kept, "-", "-"])
+        fraction = tile_pairs_kept(image, bi_xy_std=PARAMS["bi_xy_std"],
+                                   bi_rgb_std=PARAMS["bi_rgb_std"], implementation=name)[0]
+        kept[name] = f"{float(fraction):.1%}"
+      reason = benchmarking.without_accelerator(name, platform)
+      if reason:
+        notes.append(f"{name}: not timed, {reason}")
         continue
-      if name == "pallas_gpu" and platform == "gpu" and float(getattr(device, "compute_capability", 0)) < 9:
+      if name == "pallas_gpu" and float(device.compute_capability) < 9:
         notes.append("pallas_gpu: needs Hopper (sm_90) or newer")
         continue
       forward = jax.jit(lambda lo, im, name=name: kernels.dense_crf(
@@ -243,23 +173,58 @@ def main(argv):
                                          **params) * cotangent)
 
       fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-      fwd = median_ms(lambda: forward(logits, image), jax.block_until_ready, REPEATS.value)
-      q = np.asarray(forward(logits, image))[0]
-      bwd = (median_ms(lambda: fwd_bwd(logits, jnp.float32(PARAMS["bi_w"]), jnp.float32(PARAMS["pos_w"]), image),
-                       jax.block_until_ready, REPEATS.value) if BACKWARD.value else None)
+      weights = jnp.float32(PARAMS["bi_w"]), jnp.float32(PARAMS["pos_w"])
+      rows[name, "forward"] = benchmarking.Timed(lambda forward=forward: forward(logits, image),
+                                                 jax.block_until_ready, calls=1)
+      if BACKWARD.value:
+        rows[name, "fwd+bwd"] = benchmarking.Timed(
+            lambda fwd_bwd=fwd_bwd: fwd_bwd(logits, *weights, image), jax.block_until_ready,
+            calls=1)
+    if peer is not None:
+      spec = dict(inputs=os.path.join(peer.directory, "inputs.npz"),
+                  outputs=os.path.join(peer.directory, "outputs.npz"), iterations=iterations,
+                  params=PARAMS)
+      np.savez(spec["inputs"], image=image_np, logits=logits_np)
+      try:
+        rows["pydensecrf", "forward"] = peer.prepare(spec)["forward"]
+      except benchmarking.PeerError as e:
+        table.row([size, "pydensecrf", benchmarking.peer_problem("pydensecrf", e)])
+    timings = benchmarking.alternate(rows, repeats)
+
+    reference = None
+    for name in requested:
+      if (name, "forward") not in rows:
+        if name in kept:
+          table.row([size, name, "-", "-", "-", "-", kept[name], "-", "-"])
+        continue
+      fwd, bwd = timings[name, "forward"], timings.get((name, "fwd+bwd"))
+      error = fwd.error or (bwd.error if bwd else "")
+      if error:
+        table.row([size, name, f"failed: {error}"])
+        continue
+      if name == "pydensecrf":
+        peer.report()
+        q = np.load(spec["outputs"])["q"]
+      else:
+        q = np.asarray(rows[name, "forward"].result)[0]
       if reference is None and name == "xla":
         reference = q
-      of_floor = f"{floor_fwd / fwd:.1%}"
-      if bwd is not None:
-        of_floor += f" / {2 * floor_fwd / bwd:.1%}"
-      diff = np.abs(q - reference).max() if reference is not None else float("nan")
-      differ = (q.argmax(-1) != reference.argmax(-1)).mean() if reference is not None else float("nan")
-      emit([size, name, f"{fwd:.1f}", f"{bwd:.1f}" if bwd is not None else "-",
-            f"{floor_fwd:.1f}", of_floor, kept, f"{diff:.2e}", f"{differ:.2%}"])
+      of_floor = benchmarking.percent(floor_fwd, fwd.median)
+      if bwd:
+        of_floor += f" / {benchmarking.percent(2 * floor_fwd, bwd.median)}"
+      diff, differ = "-", "-"  # without an xla row there is nothing exact to compare with
+      if reference is not None:
+        diff = f"{np.abs(q - reference).max():.2e}"
+        differ = f"{(q.argmax(-1) != reference.argmax(-1)).mean():.2%}"
+      table.row([size, name, f"{fwd.median * 1e3:.1f}", f"{bwd.median * 1e3:.1f}" if bwd else "-",
+                 f"{floor_fwd * 1e3:.1f}" if name != "pydensecrf" else "-",
+                 of_floor if name != "pydensecrf" else "-", kept.get(name, "-"), diff, differ,
+                 fwd.windows(digits=1) + (f" | {bwd.windows(digits=1)}" if bwd else "")])
   for note in dict.fromkeys(notes):
     print(f"note: {note}")
+  benchmarking.close_peer(peer)
   print("floor: forward's (fwd+bwd's is twice it); 'of floor' = forward / fwd+bwd fractions")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  benchmarking.run(main)

@@ -13,27 +13,28 @@ masks per image. Rows:
                detections; `train step` = loss, gradients and an SGD update, one jitted
                function (proposals, sampling and all);
   torchvision  `torchvision.models.detection.fasterrcnn_resnet50_fpn` / `maskrcnn_resnet50_fpn`
-               (weights=None) in its own process (`--torch_python`, default this interpreter,
-               when torch and torchvision import there): eval mode for inference, train mode +
-               SGD for the step, images already at the size (its transform's min_size/max_size
-               set to it), on CUDA with autocast (AMP, bfloat16) when torch sees a GPU, also
-               without it; on a CPU in float32.
+               (weights=None) in its own process (experiments/peers/torchvision_detection.py,
+               run by `--torch_python`, default this interpreter, when torch and torchvision
+               import there): eval mode for inference, train mode + SGD for the step, images
+               already at the size (its transform's min_size/max_size set to it), on CUDA with
+               autocast (AMP, bfloat16) when torch sees a GPU, also without it; on a CPU in
+               float32.
+Ours is stepped by the trainer's own `train_step` function (zoo/training/trainer.py) with the
+`detection` task and SGD (lr 1e-4), its state from the trainer's `create_train_state`.
 Times are medians of `--repeats` timed calls after a warm-up call (compilation excluded), per
-image. The floor is the step's FLOPs (XLA's cost analysis of the compiled step) over the
-device's peak (bench_train's estimate on a CPU; `--peak_gflops` to give it), and "of floor"
-is floor / measured. XLA's cost analysis counts a conditional's branches as if they ran, so
+image, every row taking its turn call by call ("windows" lists every call). The floor is the
+step's FLOPs (XLA's cost analysis of the compiled step) over the device's peak
+(`benchmarking.peak_gflops`; `--peak_gflops` to give it), and "of floor" is floor / measured. XLA's cost analysis counts a conditional's branches as if they ran, so
 Mask R-CNN's FLOPs include the mask head on all 128 slots per image although it skips the
 chunks without a positive (`RCNN.mask_chunk`): its "of floor" overstates.
 """
 
-import json
-import subprocess
-import sys
-import time
+import functools
+import os
 
-from absl import app, flags
+from absl import flags
 
-from experiments.benchmarking import cpu_peak_gflops, measured_matmul_gflops
+from experiments import benchmarking
 
 MODELS = flags.DEFINE_list("models", ["faster_rcnn_r50_fpn", "mask_rcnn_r50_fpn"], "Models.")
 HEIGHT = flags.DEFINE_integer("height", 800, "Image height (a multiple of 32).")
@@ -41,75 +42,29 @@ WIDTH = flags.DEFINE_integer("width", 1344, "Image width (a multiple of 32; 1333
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 2, "Images per step.")
 DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (ours).")
 REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per row.")
-QUICK = flags.DEFINE_bool("quick", False, "2 x 320x320, 1 repeat.")
-TORCH_PYTHON = flags.DEFINE_string("torch_python", None,
-                                   "Python with torch + torchvision (default: this one).")
 PEAK_GFLOPS = flags.DEFINE_float("peak_gflops", None, "Device peak GFLOP/s (default: estimated).")
+BENCH = benchmarking.BenchmarkFlags(quick={"batch_size": 2, "height": 320, "width": 320,
+                                           "repeats": 1})
 NUM_OBJECTS = 20
 
-_TORCH_SCRIPT = r"""
-import contextlib, json, sys, time
-import torch, torchvision
-from torchvision.models.detection import fasterrcnn_resnet50_fpn, maskrcnn_resnet50_fpn
-name, batch, height, width, repeats = sys.argv[1], *map(int, sys.argv[2:6])
-cuda = torch.cuda.is_available()
-device = torch.device("cuda" if cuda else "cpu")
-build = {"faster_rcnn_r50_fpn": fasterrcnn_resnet50_fpn, "mask_rcnn_r50_fpn": maskrcnn_resnet50_fpn}[name]
-model = build(weights=None, weights_backbone=None, min_size=height, max_size=max(height, width)).to(device)
-g = torch.Generator().manual_seed(0)
-images = [torch.rand(3, height, width, generator=g).to(device) for _ in range(batch)]
-targets = []
-for _ in range(batch):
-  xy = torch.rand(20, 2, generator=g) * torch.tensor([width - 64, height - 64])
-  wh = 16 + torch.rand(20, 2, generator=g) * 240
-  boxes = torch.cat([xy, torch.minimum(xy + wh, torch.tensor([width, height]))], 1)
-  t = {"boxes": boxes.to(device), "labels": torch.randint(1, 91, (20,), generator=g).to(device)}
-  if name.startswith("mask"):
-    masks = torch.zeros(20, height, width, dtype=torch.uint8)
-    for k, (x1, y1, x2, y2) in enumerate(boxes.int().tolist()):
-      masks[k, y1:y2, x1:x2] = 1
-    t["masks"] = masks.to(device)
-  targets.append(t)
-def timed(fn):
-  fn()
-  if cuda: torch.cuda.synchronize()
-  out = []
-  for _ in range(repeats):
-    start = time.perf_counter(); fn()
-    if cuda: torch.cuda.synchronize()
-    out.append(time.perf_counter() - start)
-  return sorted(out)[len(out) // 2]
-rows = {}
-optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-for amp in ([False, True] if cuda else [False]):
-  precision = lambda: torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-  def infer():
-    with torch.no_grad(), precision():
-      model(images)
-  def step():
-    with precision():
-      losses = model(images, targets)
-    optimizer.zero_grad(); sum(losses.values()).backward(); optimizer.step()
-  model.eval(); t_inf = timed(infer); model.train(); t_step = timed(step)
-  rows["amp" if amp else "fp32"] = {"inference": t_inf / batch, "train": t_step / batch}
-print(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu", "rows": rows}))
-"""
+
+def synthetic_batch(np, batch, height, width) -> dict:
+  """Random images and NUM_OBJECTS random boxes (16-256 px), labels and box-filled masks each."""
+  rng = np.random.default_rng(0)
+  xy = rng.random((batch, NUM_OBJECTS, 2)) * [width - 64, height - 64]
+  boxes = np.concatenate([xy, np.minimum(xy + 16 + rng.random(xy.shape) * 240, [width, height])],
+                         -1)
+  masks = np.zeros((batch, NUM_OBJECTS, height, width), bool)
+  for b in range(batch):
+    for k, (x1, y1, x2, y2) in enumerate(boxes[b].astype(int)):
+      masks[b, k, y1:y2, x1:x2] = True
+  return dict(image=rng.random((batch, height, width, 3), np.float32),
+              boxes=boxes.astype(np.float32),
+              labels=rng.integers(0, 90, (batch, NUM_OBJECTS)).astype(np.int32),
+              objects_valid=np.ones((batch, NUM_OBJECTS), bool), instance_masks=masks)
 
 
-def _torch_rows(name, batch, height, width, repeats):
-  python = TORCH_PYTHON.value or sys.executable
-  try:
-    done = subprocess.run([python, "-c", _TORCH_SCRIPT, name, str(batch), str(height), str(width),
-                           str(repeats)], capture_output=True, text=True, timeout=3600)
-  except (OSError, subprocess.TimeoutExpired) as e:
-    return None, f"torchvision not run: {e}"
-  if done.returncode:
-    return None, "torchvision not run: " + (done.stderr.strip().splitlines() or ["?"])[-1]
-  return json.loads(done.stdout.strip().splitlines()[-1]), None
-
-
-def main(argv):
-  del argv
+def main():
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -117,86 +72,81 @@ def main(argv):
 
   import zoo
   from zoo.detection.task import Detection
+  from zoo.training import trainer
 
-  batch, height, width, repeats = (BATCH_SIZE.value, HEIGHT.value, WIDTH.value, REPEATS.value)
-  if QUICK.value:
-    batch, height, width, repeats = 2, 320, 320, 1
+  batch_size, height, width = (BENCH.setting(BATCH_SIZE), BENCH.setting(HEIGHT),
+                               BENCH.setting(WIDTH))
+  repeats = BENCH.setting(REPEATS)
   if height % 32 or width % 32:
-    raise app.UsageError(f"--height and --width must be multiples of 32 (got {height}x{width}).")
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.random((batch, height, width, 3)), jnp.float32)
-  xy = rng.random((batch, NUM_OBJECTS, 2)) * [width - 64, height - 64]
-  boxes = np.concatenate([xy, np.minimum(xy + 16 + rng.random(xy.shape) * 240, [width, height])], -1)
-  masks = np.zeros((batch, NUM_OBJECTS, height, width), bool)
-  for b in range(batch):
-    for k, (x1, y1, x2, y2) in enumerate(boxes[b].astype(int)):
-      masks[b, k, y1:y2, x1:x2] = True
-  targets = dict(boxes=jnp.asarray(boxes, jnp.float32),
-                 labels=jnp.asarray(rng.integers(0, 90, (batch, NUM_OBJECTS)), jnp.int32),
-                 objects_valid=jnp.ones((batch, NUM_OBJECTS), bool),
-                 instance_masks=jnp.asarray(masks))
-
-  device = jax.devices()[0]
-  if PEAK_GFLOPS.value:
-    peak, how = PEAK_GFLOPS.value, "--peak_gflops"
-  elif device.platform == "cpu":
-    nominal, how = cpu_peak_gflops()
-    peak = max(nominal, measured_matmul_gflops(jax, jnp))
-  else:
-    peak, how = measured_matmul_gflops(jax, jnp), "a 2048^3 matmul (pass --peak_gflops)"
-  print(f"device {device.device_kind} ({device.platform}), jax {jax.__version__}, "
-        f"{batch} x {height}x{width}, {DTYPE.value}; peak {peak:.0f} GFLOP/s ({how})")
-  print("| model | implementation | inference ms/image | train step ms/image | train GFLOP/image | "
-        "of floor |")
-  print("| --- | --- | --- | --- | --- | --- |")
-
-  def median_time(fn, *args):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    raise ValueError(f"--height and --width must be multiples of 32 (got {height}x{width}).")
+  data = synthetic_batch(np, batch_size, height, width)
+  peak, how = benchmarking.peak_gflops(jax, jnp, given=PEAK_GFLOPS.value,
+                                       given_how="--peak_gflops", dtype=DTYPE.value)
+  print(f"{batch_size} x {height}x{width}, {DTYPE.value}, {NUM_OBJECTS} objects per image; peak "
+        f"{peak:.0f} GFLOP/s ({how})")
+  print(benchmarking.device_line(jax))
+  peer, note = benchmarking.start_peer("experiments.peers.torchvision_detection",
+                                       BENCH.torch_python.value, "torchvision")
+  if note:
+    print(note)
+  table = benchmarking.Table(
+      ["model", "implementation", "inference ms/image", "train step ms/image",
+       "train GFLOP/image", "of floor", "windows ms/image (inference | train)"],
+      widths={"model": 19, "implementation": 30}, labels=2, markdown=BENCH.markdown.value)
+  optimizer = optax.sgd(1e-4)
 
   for name in MODELS.value:
     model = zoo.create(name, dtype=jnp.dtype(DTYPE.value))
     task = Detection(model.num_classes, masks=model.masks)
-    variables = jax.jit(lambda key: model.init({"params": key}, images[:1], train=False))(
-        jax.random.key(0))
-    optimizer = optax.sgd(1e-4)
-    opt_state = optimizer.init(variables["params"])
-    model_targets = {k: targets[k] for k in task.model_targets}
-
-    @jax.jit
-    def step(params, opt_state, key):
-      def loss(params):
-        (outputs, _), _ = model.apply({**variables, "params": params}, images, train=True,
-                                      targets=model_targets, rngs={"sampling": key},
-                                      mutable=["batch_stats"])
-        return task.loss(outputs, {})[0]
-      grads = jax.grad(loss)(params)
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
-
-    infer = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
-    t_inf = median_time(infer, variables, images)
-    compiled = step.lower(variables["params"], opt_state, jax.random.key(1)).compile()
-    cost = compiled.cost_analysis()
+    batch = jax.device_put({k: data[k] for k in task.features})
+    first = {k: v[:1] for k, v in batch.items()}
+    state = jax.jit(functools.partial(trainer.create_train_state, model, optimizer))(
+        jax.random.key(0), task.model_inputs(first, train=False))
+    step = jax.jit(functools.partial(trainer.train_step, model=model, task=task,
+                                     optimizer=optimizer, schedule=optax.constant_schedule(1e-4)),
+                   donate_argnums=0)
+    step_rng = jax.random.key(1)
+    cost = step.lower(state, batch, step_rng).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    flops = float(cost.get("flops", float("nan"))) / batch
-    t_step = median_time(step, variables["params"], opt_state, jax.random.key(1))
-    floor = flops / (peak * 1e9)
-    print(f"| {name} | zoo | {1e3 * t_inf / batch:.1f} | {1e3 * t_step / batch:.1f} | "
-          f"{flops / 1e9:.1f} | {floor / (t_step / batch):.1%} |", flush=True)
-    result, why = _torch_rows(name, batch, height, width, repeats)
-    if result is None:
-      print(f"| {name} | {why} | | | | |")
-      continue
-    for mode, row in result["rows"].items():
-      print(f"| {name} | torchvision {mode} ({result['device']}) | {1e3 * row['inference']:.1f} | "
-            f"{1e3 * row['train']:.1f} | | |", flush=True)
+    flops = float(cost.get("flops", float("nan"))) / batch_size
+    infer = jax.jit(lambda state, batch: model.apply(
+        {"params": state.params, **state.model_state}, **task.model_inputs(batch, train=False),
+        train=False)[0])
+    train_state = jax.tree.map(jnp.copy, state)
+
+    def train():
+      nonlocal train_state
+      train_state, metrics = step(train_state, batch, step_rng)
+      return metrics["loss"]
+
+    rows = {("zoo", "inference"): benchmarking.Timed(lambda: infer(state, batch),
+                                                     jax.block_until_ready, calls=1),
+            ("zoo", "train"): benchmarking.Timed(train, jax.block_until_ready, calls=1)}
+    if peer is not None:
+      spec = dict(model=name, batch_size=batch_size, height=height, width=width,
+                  num_objects=NUM_OBJECTS, threads=len(os.sched_getaffinity(0)))
+      try:
+        for row_name, row in peer.prepare(spec).items():
+          precision, part = row_name.split()
+          rows[f"torchvision {precision}", part] = row
+      except benchmarking.PeerError as e:
+        table.row([name, benchmarking.peer_problem("torchvision", e)])
+    timings = benchmarking.alternate(rows, repeats)
+    for impl in dict.fromkeys(impl for impl, _ in rows):
+      inference, train_timing = timings[impl, "inference"], timings[impl, "train"]
+      if inference.error or train_timing.error:
+        table.row([name, impl, f"failed: {inference.error or train_timing.error}"])
+        continue
+      per_image = train_timing.median / batch_size
+      ours = impl == "zoo"
+      table.row([name, impl, f"{1e3 * inference.median / batch_size:.1f}", f"{1e3 * per_image:.1f}",
+                 f"{flops / 1e9:.1f}" if ours else "",
+                 benchmarking.percent(flops / (peak * 1e9), per_image) if ours else "",
+                 f"{inference.windows(1e3 / batch_size, 1)} | "
+                 f"{train_timing.windows(1e3 / batch_size, 1)}"])
+    del rows, state, train_state
+  benchmarking.close_peer(peer)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  benchmarking.run(main)

@@ -1,50 +1,60 @@
-r"""Times one U-Net training step on the current device, against its physical floor and PyTorch.
+r"""Times the trainer's U-Net training step on the current device, against its floor and PyTorch.
 
     python -m experiments.bench_train [--batch_size=32 --image_size=64 --base_width=16 \
-        --depth=3 --padding=SAME --norm=none --dtype=float32 --steps=10 --windows=5]
+        --depth=3 --padding=SAME --norm=none --dtype=float32 --steps=10 --windows=5 \
+        --torch_python=/path/to/python-with-torch]
+    python -m experiments.bench_train --quick      # a narrow U-Net: a smoke test of the script
 
-The step is what training does: forward, mean softmax cross-entropy over pixels, backward,
-Adam update; jitted with the parameters and optimizer state donated, warmed up, timed with
-`block_until_ready`. Rows:
+The step is the trainer's own: `zoo.training.Experiment(config)` built from
+experiments/configs/unet.py (variant `res=<--image_size>`, the digit canvases of that size)
+with the model, batch size and dtype the flags give, initialised by `experiment.init_state()`
+and stepped by `experiment.train_step(state, batch)` as the training loop steps it: the host
+batch sharded onto the mesh, forward, the task's loss (softmax cross-entropy over the pixels),
+backward, the config's optimizer (Adam, gradients clipped to global norm 1, cosine schedule),
+state donated. One batch of the training pipeline is reused for every step (BENCHMARKS.md has
+the pipeline's own speed). Rows:
   zoo     the zoo's `UNet` (up-convolution as one matmul + depth-to-space, max-pool as a
-          reshape + max: zoo/layers/upsample.py, zoo/layers/pool.py);
-  plain   the same network written the straightforward way (nn.ConvTranspose, nn.max_pool);
-          same parameter tree, and the script checks that both give the same loss;
-  torch   the same architecture in PyTorch (same widths, batch, resolution, Adam, float32,
-          torch.set_num_threads(cores)), when `torch` is importable. Not a dependency.
-The frameworks run in alternating windows of `--steps` steps and each row reports the median
-over `--windows` windows (the best in brackets), so load from other processes on the machine
-hits all rows alike.
+          reshape + max: zoo/layers/upsample.py, zoo/layers/pool.py), experiment.train_step;
+  plain   the same network written the straightforward way (nn.ConvTranspose, nn.max_pool),
+          same parameter tree, stepped by the trainer's `train_step` function with the same
+          task and optimizer; the script checks that both give the same loss from one state;
+  torch   the same architecture in PyTorch (same widths, batch, resolution, Adam with the
+          config's learning rate and clipping, float32, random data, torch.set_num_threads(cores)),
+          in a process of its own (experiments/peers/torch_unet_train_step.py, run by
+          `--torch_python`, default this interpreter) when torch imports there; next to XLA's
+          thread pool in one process it was found starved of threads. Not a dependency.
+The rows run in alternating windows of `--steps` steps and each reports the median over
+`--windows` windows (the best in brackets, "windows" all of them), so load from other
+processes on the machine hits all rows alike.
 
-The floor is the step's FLOPs (XLA's cost analysis of the un-optimised step: convolutions and
-matmuls as 2 x multiply-adds, plus elementwise work) over the device's peak. On a CPU the peak
-is estimated as cores x clock (/proc/cpuinfo) x fp32 lanes of the FMA datapath x FMA pipes
-(2) x 2 FLOPs; AMD Zen 3/4 (family 0x19) execute AVX-512 as two 256-bit halves, so 8 lanes
-there. A virtual machine reports its base clock, not its boost clock, so the script also
-times a 2048^3 matmul and uses the larger of the two; `--peak_gflops` overrides both.
+The floor is the step's FLOPs (XLA's cost analysis of the trainer's un-optimised step:
+convolutions and matmuls as 2 x multiply-adds, plus elementwise work) over the device's peak
+(`benchmarking.peak_gflops`: on a CPU cores x clock x fp32 lanes of the FMA datapath x 2 FMA
+pipes x 2, or a timed 2048^3 matmul if faster, as a virtual machine reports its base clock;
+on an accelerator a timed 8192^3 matmul); `--peak_gflops` overrides both.
 `--profile` adds where the zoo step's time goes, per kind of XLA operation (jax.profiler).
 """
 
 import collections
+import functools
 import math
 import os
 import re
-import statistics
 import tempfile
-import time
 
 from absl import flags
 
-from experiments.benchmarking import cpu_peak_gflops, measured_matmul_gflops
+from experiments import benchmarking
 
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per step.")
-IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "Input height = width, pixels.")
+IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "Input height = width, pixels (64 or 96: "
+                                  "the digit canvases' sizes).")
 BASE_WIDTH = flags.DEFINE_integer("base_width", 16, "Channels of the first U-Net stage.")
 DEPTH = flags.DEFINE_integer("depth", 3, "Number of 2x2 max-pool downsamplings.")
 PADDING = flags.DEFINE_enum("padding", "SAME", ["SAME", "VALID"], "U-Net padding.")
 NORM = flags.DEFINE_enum("norm", "none", ["none", "batch"], "Normalisation after each 3x3 conv.")
 UPSAMPLE = flags.DEFINE_enum("upsample", "transpose", ["transpose", "bilinear"], "Upsampling.")
-NUM_CLASSES = flags.DEFINE_integer("num_classes", 11, "Output classes.")
+NUM_CLASSES = flags.DEFINE_integer("num_classes", 11, "Output classes (the canvases have 11).")
 DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "JAX compute dtype.")
 STEPS = flags.DEFINE_integer("steps", 10, "Steps per timed window.")
 WINDOWS = flags.DEFINE_integer("windows", 5, "Timed windows per row (alternating rows).")
@@ -53,29 +63,26 @@ PEAK_GFLOPS = flags.DEFINE_float("peak_gflops", None, "Device peak GFLOP/s (defa
 TORCH = flags.DEFINE_bool("torch", True, "Also time PyTorch when it is importable.")
 PLAIN = flags.DEFINE_bool("plain", True, "Also time the straightforward Flax formulation.")
 PROFILE = flags.DEFINE_bool("profile", False, "Print the zoo step's time per kind of XLA op.")
+BENCH = benchmarking.BenchmarkFlags(quick={"batch_size": 8, "base_width": 8, "depth": 2,
+                                           "steps": 2, "windows": 3, "warmup": 1})
 
 
-def build_jax(model, variables, images, labels, optax, jax):
-  """(jitted step, state): step(params, opt_state, extra) -> (params, opt_state, extra, loss)."""
-  params, extra = variables["params"], {k: v for k, v in variables.items() if k != "params"}
-  optimizer = optax.adam(1e-3)
+def experiment_config():
+  """experiments/configs/unet.py at --image_size, with the model and batch the flags give."""
+  from experiments.configs import unet
 
-  def loss_fn(params, extra):
-    (logits, _), updates = model.apply({"params": params, **extra}, images, train=True,
-                                       mutable=list(extra))
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return loss, updates
-
-  def step(params, opt_state, extra):
-    (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, extra)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, dict(extra), loss
-
-  return jax.jit(step, donate_argnums=(0, 1, 2)), (params, optimizer.init(params), extra)
+  config = unet.get_config(f"res={IMAGE_SIZE.value}")
+  config.model.update(width=BENCH.setting(BASE_WIDTH), depth=BENCH.setting(DEPTH),
+                      padding=PADDING.value, norm=NORM.value, upsample=UPSAMPLE.value)
+  config.model.dtype = DTYPE.value
+  config.model.num_classes = NUM_CLASSES.value  # the task's too (one FieldReference)
+  config.batch_size = BENCH.setting(BATCH_SIZE)
+  return config
 
 
-def plain_unet_class(nn, jnp):
-  """The zoo's U-Net written the straightforward way, with the same parameter tree."""
+def plain_unet(model_config, nn, jnp):
+  """The zoo's UNet with `model_config`'s hyper-parameters, written the straightforward way
+  (nn.ConvTranspose, nn.max_pool), with the same parameter tree."""
   from zoo.layers.crop import center_crop
   from zoo.segmentation.unet import DoubleConv, UNet
 
@@ -86,12 +93,12 @@ def plain_unet_class(nn, jnp):
       stage = lambda f, name: DoubleConv(f, self.padding, self.norm, self.dtype, name=name)
       x, skips = images.astype(self.dtype), []
       for level in range(self.depth):
-        x = stage(self.base_width * 2**level, f"encoder_{level}")(x, train=train)
+        x = stage(self.width * 2**level, f"encoder_{level}")(x, train=train)
         skips.append(x)
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
-      x = stage(self.base_width * 2**self.depth, "bottleneck")(x, train=train)
+      x = stage(self.width * 2**self.depth, "bottleneck")(x, train=train)
       for level in reversed(range(self.depth)):
-        features = self.base_width * 2**level
+        features = self.width * 2**level
         x = nn.ConvTranspose(features, (2, 2), strides=(2, 2), padding="VALID",
                              dtype=self.dtype, name=f"up_{level}")(x)
         x = jnp.concatenate([center_crop(skips[level], x.shape[1:3]), x], axis=-1)
@@ -99,71 +106,9 @@ def plain_unet_class(nn, jnp):
       logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="head")(x)
       return logits.astype(jnp.float32), {}
 
-  return PlainUNet
-
-
-def build_torch(torch, threads):
-  """The same U-Net, training step and data in PyTorch (NCHW, float32)."""
-  tnn, F = torch.nn, torch.nn.functional
-  torch.set_num_threads(threads)
-  torch.manual_seed(0)
-  pad = 1 if PADDING.value == "SAME" else 0
-
-  def double_conv(c_in, c_out):
-    layers = []
-    for c in (c_in, c_out):
-      layers += [tnn.Conv2d(c, c_out, 3, padding=pad, bias=NORM.value == "none")]
-      layers += [tnn.BatchNorm2d(c_out)] if NORM.value == "batch" else []
-      layers += [tnn.ReLU()]
-    return tnn.Sequential(*layers)
-
-  class TorchUNet(tnn.Module):
-
-    def __init__(self):
-      super().__init__()
-      widths = [BASE_WIDTH.value * 2**level for level in range(DEPTH.value + 1)]
-      self.encoder = tnn.ModuleList(
-          double_conv(c_in, c_out) for c_in, c_out in zip([3] + widths[:-2], widths[:-1]))
-      self.bottleneck = double_conv(widths[-2], widths[-1])
-      self.up, self.decoder = tnn.ModuleList(), tnn.ModuleList()
-      for level in reversed(range(DEPTH.value)):
-        if UPSAMPLE.value == "transpose":
-          self.up.append(tnn.ConvTranspose2d(widths[level + 1], widths[level], 2, stride=2))
-        else:
-          self.up.append(tnn.Sequential(tnn.Upsample(scale_factor=2, mode="bilinear"),
-                                        tnn.Conv2d(widths[level + 1], widths[level], 1)))
-        self.decoder.append(double_conv(2 * widths[level], widths[level]))
-      self.head = tnn.Conv2d(widths[0], NUM_CLASSES.value, 1)
-
-    def forward(self, x):
-      skips = []
-      for stage in self.encoder:
-        x = stage(x)
-        skips.append(x)
-        x = F.max_pool2d(x, 2)
-      x = self.bottleneck(x)
-      for up, stage in zip(self.up, self.decoder):
-        x = up(x)
-        skip = skips.pop()
-        top, left = (skip.shape[2] - x.shape[2]) // 2, (skip.shape[3] - x.shape[3]) // 2
-        skip = skip[:, :, top:top + x.shape[2], left:left + x.shape[3]]
-        x = stage(torch.cat([skip, x], 1))
-      return self.head(x)
-
-  model = TorchUNet()
-  optimizer = torch.optim.Adam(model.parameters(), 1e-3)
-  images = torch.randn(BATCH_SIZE.value, 3, IMAGE_SIZE.value, IMAGE_SIZE.value)
-  out_size = model(images[:1]).shape[2]
-  labels = torch.randint(0, NUM_CLASSES.value, (BATCH_SIZE.value, out_size, out_size))
-
-  def step():
-    optimizer.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(images), labels)
-    loss.backward()
-    optimizer.step()
-    return loss
-
-  return step, sum(p.numel() for p in model.parameters())
+  hyperparameters = {k: v for k, v in model_config.items() if k != "name"}
+  hyperparameters["dtype"] = jnp.dtype(hyperparameters["dtype"])
+  return PlainUNet(**hyperparameters)
 
 
 def profile_breakdown(jax, compiled, kernel_sizes, run_steps) -> list[tuple[str, float]]:
@@ -213,120 +158,117 @@ def profile_breakdown(jax, compiled, kernel_sizes, run_steps) -> list[tuple[str,
   return [(kind, ns / grand) for kind, ns in total.most_common()]
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise ValueError(f"Unexpected arguments {argv[1:]}: every setting is a flag.")
+def main():
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
   import numpy as np
-  import optax
 
-  import zoo
+  from zoo.training import trainer
 
-  hyper = dict(num_classes=NUM_CLASSES.value, base_width=BASE_WIDTH.value, depth=DEPTH.value,
-               padding=PADDING.value, norm=NORM.value, upsample=UPSAMPLE.value, dtype=DTYPE.value)
-  model = zoo.create("unet", **hyper)
-  size = IMAGE_SIZE.value
-  model.check_input_shape((BATCH_SIZE.value, size, size, 3))
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.standard_normal((BATCH_SIZE.value, size, size, 3)), jnp.float32)
-  out = model.output_size(size)
-  labels = jnp.asarray(rng.integers(0, NUM_CLASSES.value, (BATCH_SIZE.value, out, out)), jnp.int32)
+  config = experiment_config()
+  experiment = trainer.Experiment(config)
+  batch = next(iter(experiment.train_iterator()))
+  state = experiment.init_state()
+  # The trainer's step function, jitted alone: for its FLOPs, the profile and the plain row.
+  step_of = lambda model: jax.jit(functools.partial(
+      trainer.train_step, model=model, task=experiment.task, optimizer=experiment.optimizer,
+      schedule=experiment.schedule), donate_argnums=0)
+  zoo_step, step_rng = step_of(experiment.model), jax.random.key(0)
+  flops = zoo_step.lower(state, batch, step_rng).cost_analysis()["flops"]
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)
 
-  rows = {}
-  variables = jax.jit(lambda: model.init(jax.random.key(0), images[:1], train=False))()
-  step, state = build_jax(model, variables, images, labels, optax, jax)
-  flops = step.lower(*state).cost_analysis()["flops"]
-  rows["zoo"] = [step, state]
+  def stepping(step):
+    """step(state, batch) -> (state, metrics) as a timed call that carries its own state."""
+    current = copy(state)
+
+    def run():
+      nonlocal current
+      current, metrics = step(current, batch)
+      return metrics["loss"]
+
+    return benchmarking.Timed(run, jax.block_until_ready, calls=BENCH.setting(STEPS),
+                              warmup=BENCH.setting(WARMUP))
+
+  rows = {"zoo": stepping(experiment.train_step)}
   if PLAIN.value and UPSAMPLE.value == "transpose":
-    plain = plain_unet_class(nn, jnp)(**{**hyper, "dtype": jnp.dtype(DTYPE.value)})
-    copy = lambda tree: jax.tree.map(jnp.copy, tree)
-    plain_step, plain_state = build_jax(plain, copy(variables), images, labels, optax, jax)
-    # Same parameters into both: the same loss, or the comparison is void.
-    loss_zoo = step(copy(state[0]), copy(state[1]), copy(state[2]))[3]
-    loss_plain = plain_step(copy(state[0]), copy(state[1]), copy(state[2]))[3]
-    if abs(float(loss_zoo) - float(loss_plain)) > 1e-4 * abs(float(loss_zoo)):
+    plain_step = step_of(plain_unet(config.model, nn, jnp))
+    # The same state into both: the same loss, or the comparison is void.
+    loss_zoo = float(experiment.train_step(copy(state), batch)[1]["loss"])
+    loss_plain = float(plain_step(copy(state), batch, step_rng)[1]["loss"])
+    if abs(loss_zoo - loss_plain) > 1e-4 * abs(loss_zoo):
       raise ValueError(f"zoo and plain U-Nets disagree: loss {loss_zoo} vs {loss_plain}.")
-    rows["plain"] = [plain_step, plain_state]
-
-  def run_jax(name, steps):
-    step, state = rows[name]
-    for _ in range(steps):
-      *state, loss = step(*state)
-    loss.block_until_ready()
-    rows[name][1] = state
+    rows["plain"] = stepping(lambda state, batch: plain_step(state, batch, step_rng))
 
   threads = len(os.sched_getaffinity(0))
-  runners = {name: (lambda steps, name=name: run_jax(name, steps)) for name in rows}
-  torch_note = ""
-  if TORCH.value:
-    try:
-      import torch
-    except ImportError:
-      torch_note = "torch not importable: no PyTorch row."
-    else:
-      if DTYPE.value != "float32":
-        torch_note = "PyTorch row skipped: it runs float32 only here."
-      else:
-        torch_step, torch_params = build_torch(torch, threads)
-        runners["torch"] = lambda steps: [torch_step() for _ in range(steps)]
-        torch_note = f"torch {torch.__version__}, {torch.get_num_threads()} threads, " \
-                     f"{torch_params:,} parameters"
-
-  for run in runners.values():
-    run(WARMUP.value)
-  seconds = collections.defaultdict(list)
-  for _ in range(WINDOWS.value):
-    for name, run in runners.items():
-      start = time.perf_counter()
-      run(STEPS.value)
-      seconds[name].append((time.perf_counter() - start) / STEPS.value)
-
-  device = jax.devices()[0]
-  measured = measured_matmul_gflops(jax, jnp)
-  if PEAK_GFLOPS.value:
-    peak, how = PEAK_GFLOPS.value, "--peak_gflops"
-  elif device.platform == "cpu":
-    nominal, how = cpu_peak_gflops()
-    peak = max(nominal, measured)
-    how = f"{how} = {nominal:.0f} GFLOP/s nominal; a 2048^3 matmul ran at {measured:.0f}"
+  torch_note, peer = "", None
+  if not TORCH.value:
+    torch_note = "no PyTorch row (--notorch)"
+  elif DTYPE.value != "float32":
+    torch_note = "PyTorch row skipped: it runs float32 only here."
   else:
-    peak, how = measured, "a 2048^3 matmul (pass --peak_gflops for the datasheet peak)"
+    peer, torch_note = benchmarking.start_peer("experiments.peers.torch_unet_train_step",
+                                               BENCH.torch_python.value, "torch")
+  if peer is not None:
+    model = config.model
+    spec = dict(batch_size=config.batch_size, image_size=IMAGE_SIZE.value, base_width=model.width,
+                depth=model.depth, padding=model.padding, norm=model.norm,
+                upsample=model.upsample, num_classes=model.num_classes,
+                learning_rate=config.optimizer.learning_rate,
+                grad_clip_norm=config.optimizer.grad_clip_norm, steps=BENCH.setting(STEPS),
+                warmup=BENCH.setting(WARMUP), threads=threads)
+    try:
+      rows.update(peer.prepare(spec))
+      torch_note = (f"{peer.info['versions']}, {peer.info['parameters']:,} parameters "
+                    "(own process)")
+    except benchmarking.PeerError as e:
+      torch_note = benchmarking.peer_problem("torch", e)
+
+  timings = benchmarking.alternate(rows, BENCH.setting(WINDOWS))
+  peak, how = benchmarking.peak_gflops(jax, jnp, given=PEAK_GFLOPS.value,
+                                       given_how="--peak_gflops", dtype=DTYPE.value)
   floor = flops / (peak * 1e9)
 
-  num_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(rows["zoo"][1][0]))
-  print(f"U-Net training step: batch {BATCH_SIZE.value}, {size}x{size}x3 -> {out}x{out}x"
-        f"{NUM_CLASSES.value}, widths {BASE_WIDTH.value}..{BASE_WIDTH.value * 2**DEPTH.value}, "
-        f"{PADDING.value}, norm={NORM.value}, upsample={UPSAMPLE.value}, {DTYPE.value}, "
-        f"Adam; {num_params:,} parameters")
-  print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, "
-        f"{threads} cores; {torch_note}")
+  num_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state.params))
+  model, size = config.model, IMAGE_SIZE.value
+  out = experiment.model.output_size(size)
+  print(f"U-Net training step (zoo.training.Experiment on experiments/configs/unet.py): batch "
+        f"{config.batch_size}, {size}x{size}x3 -> {out}x{out}x{model.num_classes}, widths "
+        f"{model.width}..{model.width * 2**model.depth}, {model.padding}, norm={model.norm}, "
+        f"upsample={model.upsample}, {DTYPE.value}, {config.optimizer.name}; "
+        f"{num_params:,} parameters")
+  print(f"{benchmarking.device_line(jax)}; {torch_note}")
   print(f"step FLOPs {flops / 1e9:.1f} G; peak {peak:.0f} GFLOP/s ({how}); "
         f"floor {floor * 1e3:.0f} ms/step = {1 / floor:.2f} steps/s")
-  print(f"{'':6s} {'steps/s':>8s} {'(best)':>8s} {'images/s':>9s} {'ms/step':>8s} {'of floor':>9s}")
+  table = benchmarking.Table(["", "steps/s", "(best)", "images/s", "ms/step", "of floor",
+                              "windows ms/step"], widths={"": 6, "steps/s": 8, "(best)": 8},
+                             markdown=BENCH.markdown.value)
   rate = {}
-  for name, times in seconds.items():
-    median = statistics.median(times)
-    rate[name] = 1 / median
-    print(f"{name:6s} {1 / median:8.2f} {1 / min(times):8.2f} {BATCH_SIZE.value / median:9.1f} "
-          f"{median * 1e3:8.1f} {floor / median:9.1%}")
+  for name, timing in timings.items():
+    if timing.error:
+      table.row([name, f"failed: {timing.error}"])
+      continue
+    rate[name] = 1 / timing.median
+    table.row([name, f"{1 / timing.median:.2f}", f"{1 / timing.best:.2f}",
+               f"{config.batch_size / timing.median:.1f}", f"{timing.median * 1e3:.1f}",
+               benchmarking.percent(floor, timing.median), timing.windows(digits=1)])
   for name in ("plain", "torch"):
-    if name in rate:
+    if name in rate and "zoo" in rate:
       print(f"zoo / {name}: {rate['zoo'] / rate[name]:.2f}x")
   if "plain" in rate and "torch" in rate:
     print(f"plain / torch: {rate['plain'] / rate['torch']:.2f}x")
+  if peer is not None:
+    peer.close()
 
   if PROFILE.value:
-    step, state = rows["zoo"]
-    compiled = step.lower(*state).compile()
-    kernel_sizes = {int(np.prod(a.shape)) for a in jax.tree.leaves(state[0]) if a.ndim == 4}
+    kernel_sizes = {int(np.prod(a.shape)) for a in jax.tree.leaves(state.params) if a.ndim == 4}
+    compiled = zoo_step.lower(state, batch, step_rng).compile()
+    timed = stepping(lambda state, batch: zoo_step(state, batch, step_rng))
+    timed.warm_up()
     print("where the zoo step's XLA time goes (share of summed thunk time):")
-    for kind, share in profile_breakdown(jax, compiled, kernel_sizes,
-                                         lambda: runners["zoo"](STEPS.value)):
+    for kind, share in profile_breakdown(jax, compiled, kernel_sizes, timed.window):
       print(f"  {share:6.1%}  {kind}")
 
 
 if __name__ == "__main__":
-  from experiments import launcher
-  launcher.run(main)
+  benchmarking.run(main)
