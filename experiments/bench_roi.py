@@ -85,17 +85,9 @@ CHANNELS = flags.DEFINE_integer("channels", 256, "C, feature channels.")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 2, "N, images.")
 FEATURE_SIZE = flags.DEFINE_list("feature_size", ["200", "272"], "H,W of the feature map.")
 SPATIAL_SCALE = flags.DEFINE_float("spatial_scale", 0.25, "Feature cells per image pixel.")
-REPEATS = flags.DEFINE_integer("repeats", 5, "Timed windows per row; the median is reported.")
-MIN_WINDOW_MS = flags.DEFINE_float("min_window_ms", 20.0,
-                                   "A timed window repeats the call until it lasts this long.")
 SEED = flags.DEFINE_integer("seed", 0, "Seed of boxes, features and cotangents.")
-INTERPRET = flags.DEFINE_bool("interpret", False,
-                              "Also run Pallas implementations without their accelerator, in "
-                              "interpret mode (meaningless times; use with --quick).")
-BANDWIDTH = flags.DEFINE_float("bandwidth_gbs", None,
-                               "Device bandwidth in GB/s for the floor (default: measured).")
-BENCH = benchmarking.BenchmarkFlags(
-    quick={"num_boxes": 64, "channels": 32, "feature_size": ["50", "68"], "repeats": 3})
+BENCH = benchmarking.BenchmarkFlags(kernel=True, quick={
+    "num_boxes": 64, "channels": 32, "feature_size": ["50", "68"], "repeats": 3})
 
 BOX_SIDE_RANGE = (16.0, 112.0)  # image pixels, log-uniform per side
 
@@ -125,9 +117,10 @@ def main():
 
   import kernels
 
-  num_boxes, channels, batch = BENCH.setting(NUM_BOXES), BENCH.setting(CHANNELS), BATCH_SIZE.value
-  repeats, scale = BENCH.setting(REPEATS), SPATIAL_SCALE.value
-  min_window_s = MIN_WINDOW_MS.value / 1e3
+  num_boxes, channels = BENCH.setting(NUM_BOXES), BENCH.setting(CHANNELS)
+  batch = BATCH_SIZE.value
+  repeats, scale = BENCH.setting(BENCH.repeats), SPATIAL_SCALE.value
+  min_window_s = BENCH.min_window_ms.value / 1e3
   image_h, image_w = round(height / scale), round(width / scale)
   platform = jax.devices()[0].platform
   threads = len(os.sched_getaffinity(0))
@@ -140,7 +133,7 @@ def main():
       peer, note = benchmarking.start_peer("experiments.peers.torchvision_roi",
                                            BENCH.torch_python.value, "torchvision")
       notes += [note] if note else []
-    elif reason and not INTERPRET.value:
+    elif reason and not BENCH.interpret.value:
       notes.append(f"{name}: skipped, {reason}; --interpret runs it anyway")
     else:
       impls.append(name)
@@ -154,9 +147,7 @@ def main():
   sides = np.concatenate([boxes_np[:, 2] - boxes_np[:, 0], boxes_np[:, 3] - boxes_np[:, 1]])
   crossing = np.mean((boxes_np[:, 0] < 0) | (boxes_np[:, 1] < 0) | (boxes_np[:, 2] > image_w)
                      | (boxes_np[:, 3] > image_h))
-  bandwidth, how = benchmarking.bandwidth_gbs(jax, jnp, given=BANDWIDTH.value,
-                                              given_how="--bandwidth_gbs",
-                                              min_window_s=min_window_s)
+  bandwidth, how = benchmarking.bandwidth_gbs(jax, BENCH.bandwidth_gbs.value, min_window_s)
 
   print(f"RoI ops: features {batch}x{height}x{width}x{channels} (N, H, W, C), image "
         f"{image_h}x{image_w}, spatial_scale {scale:g}, {num_boxes} boxes (sides "
@@ -164,7 +155,7 @@ def main():
         f"{crossing:.0%} cross the image border), aligned=True, seed {SEED.value}")
   print(benchmarking.device_line(jax))
   print(f"bandwidth {bandwidth:.1f} GB/s ({how}); median of {repeats} windows of >= "
-        f"{MIN_WINDOW_MS.value:g} ms, the implementations taking turns")
+        f"{BENCH.min_window_ms.value:g} ms, the implementations taking turns")
   for line in notes:
     print(line)
 

@@ -68,14 +68,6 @@ DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "qkv dtypes of the
 STAGES = flags.DEFINE_list("stages", ["1", "3"], "Swin-T stages (1-4) whose attention to time.")
 SHIFTS = flags.DEFINE_list("shifts", ["0", "3"], "Cyclic shifts, tokens (0 <= shift < 7).")
 KERNEL_BATCH = flags.DEFINE_integer("kernel_batch", 64, "B of the kernel rows.")
-REPEATS = flags.DEFINE_integer("repeats", 5, "Kernel: timed windows per row (median).")
-MIN_WINDOW_MS = flags.DEFINE_float("min_window_ms", 20.0,
-                                   "Kernel: a timed window repeats the call this long at least.")
-INTERPRET = flags.DEFINE_bool("interpret", False,
-                              "Also run Pallas implementations without their accelerator, in "
-                              "interpret mode (meaningless times; use with --quick).")
-BANDWIDTH = flags.DEFINE_float("bandwidth_gbs", None,
-                               "Device bandwidth in GB/s for the byte floor (default: measured).")
 MODELS_FLAG = flags.DEFINE_list("models", list(MODELS), f"Train: models, from {tuple(MODELS)}.")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", None,
                                   "Train: images per step (default 64 on an accelerator, 4 on "
@@ -89,8 +81,8 @@ WINDOWS = flags.DEFINE_integer("windows", 5, "Train: timed windows per row (medi
 WARMUP = flags.DEFINE_integer("warmup", 3, "Train: untimed steps after compilation.")
 PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "Device peak TFLOP/s (default: estimated).")
 SEED = flags.DEFINE_integer("seed", 0, "Seed of the inputs.")
-BENCH = benchmarking.BenchmarkFlags(quick={"kernel_batch": 2, "repeats": 3, "batch_size": 2,
-                                           "steps": 2, "windows": 3, "warmup": 1})
+BENCH = benchmarking.BenchmarkFlags(kernel=True, quick={
+    "kernel_batch": 2, "repeats": 3, "batch_size": 2, "steps": 2, "windows": 3, "warmup": 1})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -104,25 +96,24 @@ def kernel_part(jax, jnp, np, platform):
   impls = []
   for name in names:
     reason = benchmarking.without_accelerator(name, platform)
-    if reason and not INTERPRET.value:
+    if reason and not BENCH.interpret.value:
       print(f"{name}: skipped, {reason}; --interpret runs it anyway")
     else:
       impls.append(name)
   if not impls:
     print("window attention: nothing to time on this backend.")
     return
-  batch, repeats = BENCH.setting(KERNEL_BATCH), BENCH.setting(REPEATS)
-  min_window_s = MIN_WINDOW_MS.value / 1e3
+  batch, repeats = BENCH.setting(KERNEL_BATCH), BENCH.setting(BENCH.repeats)
+  min_window_s = BENCH.min_window_ms.value / 1e3
   stages, shifts = benchmarking.integers(STAGES), benchmarking.integers(SHIFTS)
   for stage in stages:
     if stage not in SWIN_T_STAGES:
       raise ValueError(f"--stages: {stage} is not a Swin-T stage (1-4).")
-  bandwidth, how = benchmarking.bandwidth_gbs(jax, jnp, given=BANDWIDTH.value,
-                                              given_how="--bandwidth_gbs",
-                                              min_window_s=min_window_s)
+  bandwidth, how = benchmarking.bandwidth_gbs(jax, BENCH.bandwidth_gbs.value, min_window_s)
   print(f"\nwindow attention (Swin-T at 224x224: window {SWIN_T_WINDOW}, head dim "
         f"{SWIN_T_HEAD_DIM}), batch {batch}; bandwidth {bandwidth:.1f} GB/s ({how}); median of "
-        f"{repeats} windows of >= {MIN_WINDOW_MS.value:g} ms, the implementations taking turns")
+        f"{repeats} windows of >= {BENCH.min_window_ms.value:g} ms, the implementations taking "
+        "turns")
   table = benchmarking.Table(
       ["stage (B,H,W,3C), heads", "shift", "impl", "dtype", "fwd ms", "fwd+bwd ms",
        "floor ms (fwd / fwd+bwd)", "of floor (fwd / fwd+bwd)",
@@ -251,8 +242,8 @@ def train_part(jax, jnp, np, platform):
     print(note)
   table = benchmarking.Table(
       ["model", "implementation", "images/s", "(best)", "FLOP floor images/s", "of floor",
-       "note", "windows images/s"],
-      widths={"model": 8, "implementation": 52, "note": 40}, labels=2,
+       "windows images/s", "note"],
+      widths={"model": 8, "implementation": 52, "windows images/s": 20}, labels=2,
       markdown=BENCH.markdown.value)
 
   for name in models:
@@ -260,7 +251,7 @@ def train_part(jax, jnp, np, platform):
     try:
       step, flops, count = zoo_train_step(jax, jnp, np, name, batch, size, jnp.dtype(dtype))
     except Exception as e:  # the model could not be built or compiled: say so, go on
-      table.row([name, ours, "-", "-", "-", "-", f"failed: {benchmarking.first_line(e)}"])
+      table.row([name, ours, "-", "-", "-", "-", "-", f"failed: {benchmarking.first_line(e)}"])
       continue
     floor = batch / (flops / (peak * 1e9))
     notes = {ours: f"{count:,} params, {flops / batch / 1e9:.1f} GFLOP/image per step"}
@@ -272,18 +263,18 @@ def train_part(jax, jnp, np, platform):
         for mode, row in peer.prepare(spec).items():
           rows[f"timm {MODELS[name]} ({mode})"] = row
       except benchmarking.PeerError as e:
-        table.row([name, f"timm {MODELS[name]}", "-", "-", "-", "-",
+        table.row([name, f"timm {MODELS[name]}", "-", "-", "-", "-", "-",
                    benchmarking.peer_problem("timm", e)])
     for impl, timing in benchmarking.alternate(rows, windows).items():
       if timing.error:
-        table.row([name, impl, "-", "-", "-", "-", f"failed: {timing.error}"])
+        table.row([name, impl, "-", "-", "-", "-", "-", f"failed: {timing.error}"])
         continue
       rates = [batch / seconds for seconds in timing.seconds]
       rate = statistics.median(rates)
       table.row([name, impl, f"{rate:.2f}", f"{max(rates):.2f}",
                  f"{floor:.1f}" if impl == ours else "-",
                  f"{rate / floor:.1%}" if impl == ours else "-",
-                 notes.get(impl, ""), " ".join(f"{r:.2f}" for r in rates)])
+                 " ".join(f"{r:.2f}" for r in rates), notes.get(impl, "")])
     del rows, step
   benchmarking.close_peer(peer)
 

@@ -2,10 +2,12 @@
 
 Every `experiments/bench_*.py` times implementations of one computation side by side:
 
+    BENCH = BenchmarkFlags(quick={"repeats": 3})   # module level: --quick, --markdown, ...
+    ...
     rows = {"xla": Timed(lambda: f(x), jax.block_until_ready, min_window_s=0.02),
             "pallas_gpu": Timed(lambda: g(x), jax.block_until_ready, min_window_s=0.02)}
     timings = alternate(rows, windows=5)     # {name: Timing}: seconds per call, per window
-    table = Table(["implementation", "ms", "windows ms"], markdown=FLAGS.markdown.value)
+    table = Table(["implementation", "ms", "windows ms"], markdown=BENCH.markdown.value)
     table.row(["xla", f"{timings['xla'].median * 1e3:.2f}", timings["xla"].windows()])
 
 The rows take turns window by window (`alternate`), so that load from other processes on the
@@ -47,13 +49,14 @@ _REPLY = "@benchmarking "  # marks the protocol's lines among whatever else a pe
 
 
 class BenchmarkFlags:
-  """The flags every benchmark has: --quick, --markdown and --torch_python.
+  """The flags every benchmark has: --quick, --markdown and --torch_python; with `kernel`,
+  also the kernel benchmarks' --repeats, --min_window_ms, --interpret and --bandwidth_gbs.
 
   Make one at module level (absl defines flags at import time). `quick` maps names of the
-  script's other flags to the values --quick gives them, each unless it is passed.
+  script's flags to the values --quick gives them, each unless it is passed.
   """
 
-  def __init__(self, quick: dict[str, Any]):
+  def __init__(self, quick: dict[str, Any], *, kernel: bool = False):
     from absl import flags
     self.quick_values = quick
     given = " ".join(f"--{name}={_flag_text(value)}" for name, value in quick.items())
@@ -64,6 +67,16 @@ class BenchmarkFlags:
         "torch_python", sys.executable,
         "The Python interpreter that runs the peer (PyTorch, torchvision, timm or pydensecrf) "
         "in a process of its own; it needs the peer's packages, not jax ('' = no peer).")
+    if kernel:
+      self.repeats = flags.DEFINE_integer("repeats", 5, "Kernel rows: timed windows per row; "
+                                          "the median is reported.")
+      self.min_window_ms = flags.DEFINE_float("min_window_ms", 20.0, "Kernel rows: a timed "
+                                              "window repeats the call until it lasts this long.")
+      self.interpret = flags.DEFINE_bool(
+          "interpret", False, "Also run Pallas implementations without their accelerator, in "
+          "interpret mode (meaningless times; use with --quick).")
+      self.bandwidth_gbs = flags.DEFINE_float(
+          "bandwidth_gbs", None, "Device bandwidth in GB/s for the byte floor (default: measured).")
 
   def setting(self, flag):
     """`flag`'s value, or its --quick value when --quick is on and the flag was not passed."""
@@ -317,16 +330,16 @@ def peak_gflops(jax, jnp, *, given: float | None, given_how: str, dtype="float32
                                   f"at {measured:.0f}")
 
 
-def bandwidth_gbs(jax, jnp, *, given: float | None, given_how: str, min_window_s: float,
-                  nbytes: int = 256 << 20):
-  """(GB/s, how it was obtained): `given` if set, else a jitted in-place `x + 1` over `nbytes`.
+def bandwidth_gbs(jax, given: float | None, min_window_s: float, nbytes: int = 256 << 20):
+  """(GB/s, how it was obtained): `given` (--bandwidth_gbs) if set, else a jitted in-place
+  `x + 1` over `nbytes`, windows of at least `min_window_s` seconds.
 
   Read + write counted, best of 10 windows. The array is donated, so every call reuses its
   buffer: a fresh output buffer each call would time the operating system's first-touch page
   faults on a CPU, not the memory; and 256 MiB does not sit in a CPU's last-level cache.
   """
   if given:
-    return given, given_how
+    return given, "--bandwidth_gbs"
   add = jax.jit(lambda x: x + 1, donate_argnums=0)
   x = add(jax.numpy.zeros((nbytes // 4,), jax.numpy.float32))
 
