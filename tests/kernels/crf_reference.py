@@ -2,7 +2,7 @@
 as DeepLab's and CRF-as-RNN's `dense_crf` use it, exact: every pair of pixels), and central finite
 differences of it for the gradient tests.
 
-Written from the equations in kernels/dense_crf.py's docstring (the issue's statement), with full
+Written from the equations in kernels/crf/api.py's docstring (the issue's statement), with full
 (N, N) kernel matrices, so it only suits small images.
 """
 

@@ -4,7 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-IMPLEMENTATIONS = ("xla", "pallas_tpu", "pallas_gpu")
+import kernels
+
+IMPLEMENTATIONS = tuple(name for name in kernels.IMPLEMENTATIONS if name != "auto")
 
 
 def with_implementations(values, pallas_default=()):

@@ -5,18 +5,17 @@ reference), on fresh random inputs; the Pallas TPU kernel in interpret mode agai
 Each test prints its random seed (shown when it fails); ZOO_TEST_SEED=<base seed> replays it (tests/conftest.py).
 """
 
-import contextlib
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import kernels
+from kernels.crf import api as crf_api
+from kernels.crf import xla as crf_xla
+from kernels.crf.geometry import BlockSizes
 from tests.kernels import crf_reference
-
-dense_crf_module = importlib.import_module("kernels.dense_crf")
+from tests.lowering import export, kernel_calls
 
 # (batch, height, width, labels, channels, parameters)
 CASES = [
@@ -59,7 +58,7 @@ def test_bilateral_filter_matches_brute_force(rng, case):
   b, h, w, l, c, params = case
   _, image = random_inputs(rng, b, h, w, l, c, params)
   q = rng.uniform(0, 1, (b, h, w, l)).astype(np.float32)
-  out = dense_crf_module.bilateral_filter(q, image, bi_xy_std=params["bi_xy_std"],
+  out = crf_api.bilateral_filter(q, image, bi_xy_std=params["bi_xy_std"],
                                           bi_rgb_std=params["bi_rgb_std"], implementation="xla")
   expected = crf_reference.bilateral_filter(q, image, params["bi_xy_std"], params["bi_rgb_std"])
   np.testing.assert_allclose(out, expected, rtol=2e-5, atol=2e-5)
@@ -91,9 +90,9 @@ def test_query_chunks_and_padding(rng, monkeypatch):
   b, h, w, l, c, params = CASES[1]
   logits, image = random_inputs(rng, b, h, w, l, c, params)
   expected = crf_reference.dense_crf(logits, image, 3, **params)
-  monkeypatch.setattr(dense_crf_module, "_XLA_BLOCK_ELEMENTS", 16 * h * w)
-  monkeypatch.setattr(dense_crf_module, "_XLA_BLOCK_ELEMENTS_CPU", 16 * h * w)
-  assert dense_crf_module._xla_chunk(h * w, b) == 16
+  monkeypatch.setattr(crf_xla, "BLOCK_ELEMENTS", 16 * h * w)
+  monkeypatch.setattr(crf_xla, "BLOCK_ELEMENTS_CPU", 16 * h * w)
+  assert crf_xla.chunk_size(h * w, b) == 16
   q = kernels.dense_crf(logits, image, iterations=3, implementation="xla", **params)
   np.testing.assert_allclose(q, expected, rtol=1e-4, atol=2e-5)
 
@@ -188,7 +187,7 @@ def test_integer_image_and_bfloat16_logits(rng):
     (dict(iterations=2.5), "iterations must be a non-negative int"),
     (dict(pos_w=np.ones(2)), "pos_w must be a scalar"),
     (dict(implementation="cuda"), "is not one of"),
-    (dict(implementation="pallas_tpu", block_sizes=dense_crf_module.BlockSizes(query=100)),
+    (dict(implementation="pallas_tpu", block_sizes=BlockSizes(query=100)),
      "block_sizes must have query a positive multiple of 128"),
     (dict(implementation="pallas_gpu", image=np.zeros((1, 7, 9, 40))), "at most 29 channels"),
 ])
@@ -210,13 +209,13 @@ def test_traced_std_is_rejected():
 # Pallas kernels in interpret mode (each call takes seconds there: few, small cases).
 
 PALLAS = ["pallas_tpu", "pallas_gpu"]
-SMALL_TILES = dense_crf_module.BlockSizes(query=128, key_tiles=1)
+SMALL_TILES = BlockSizes(query=128, key_tiles=1)
 
 
 def pallas_tolerance(image, params):
-  """Error bound of a kernel value (<= 1) from the matrix-unit expansion (kernels/dense_crf.py):
-  (D + 2) 2^-25 (2 r + 7.4)^2 with r a tile's feature radius; here 2 r <= the whole image's
-  feature-box diagonal."""
+  """Error bound of a kernel value (<= 1) from the matrix-unit expansion (kernels/crf/pallas_tpu.py's
+  doc): (D + 2) 2^-25 (2 r + 7.4)^2 with r a tile's feature radius; here 2 r <= the whole
+  image's feature-box diagonal."""
   colour = image.reshape(-1, image.shape[-1]) / params["bi_rgb_std"]
   position = np.array(image.shape[1:3]) / params["bi_xy_std"]
   diagonal = np.sqrt(np.sum((colour.max(0) - colour.min(0)) ** 2) + np.sum(position ** 2))
@@ -227,7 +226,7 @@ def pallas_tolerance(image, params):
 # The GPU kernel's tiles are fixed (64 pixels): block_sizes only matter on the TPU. By default
 # every case runs on the TPU kernel with its default tiles and the first on the GPU kernel;
 # -m slow adds the rest (each interpret-mode call takes seconds).
-_TPU_DEFAULT, _GPU = ("pallas_tpu", dense_crf_module.BlockSizes()), ("pallas_gpu", dense_crf_module.BlockSizes())
+_TPU_DEFAULT, _GPU = ("pallas_tpu", BlockSizes()), ("pallas_gpu", BlockSizes())
 FILTER_CASES = (
     [pytest.param(*_TPU_DEFAULT, case, id=f"{name}-tpu") for case, name in zip(CASES, IDS)]
     + [pytest.param("pallas_tpu", SMALL_TILES, case, id=f"{name}-tpu-small", marks=pytest.mark.slow)
@@ -241,7 +240,7 @@ def test_pallas_bilateral_filter_matches_brute_force(rng, case, blocks, implemen
   b, h, w, l, c, params = case
   _, image = random_inputs(rng, b, h, w, l, c, params)
   q = rng.uniform(0, 1, (b, h, w, l)).astype(np.float32)
-  out = dense_crf_module.bilateral_filter(q, image, bi_xy_std=params["bi_xy_std"],
+  out = crf_api.bilateral_filter(q, image, bi_xy_std=params["bi_xy_std"],
                                           bi_rgb_std=params["bi_rgb_std"],
                                           implementation=implementation, block_sizes=blocks)
   expected = crf_reference.bilateral_filter(q, image, params["bi_xy_std"], params["bi_rgb_std"])
@@ -251,7 +250,7 @@ def test_pallas_bilateral_filter_matches_brute_force(rng, case, blocks, implemen
 
 
 @pytest.mark.parametrize("implementation, blocks", [("pallas_tpu", SMALL_TILES),
-                                                    ("pallas_gpu", dense_crf_module.BlockSizes())],
+                                                    ("pallas_gpu", BlockSizes())],
                          ids=["tpu", "gpu"])
 def test_pallas_skips_far_tiles_and_stays_exact(rng, implementation, blocks):
   """Two flat colour regions far apart (in colour stds): the key tiles of the other region are
@@ -264,10 +263,10 @@ def test_pallas_skips_far_tiles_and_stays_exact(rng, implementation, blocks):
   params = dict(bi_xy_std=10.0, bi_rgb_std=3.0)
   # Z-order puts each region's 256 pixels together: half the tile pairs are skipped (the
   # kernels apply the same test to the same boxes).
-  kept = dense_crf_module.tile_pairs_kept(image, implementation=implementation, block_sizes=blocks,
+  kept = crf_api.tile_pairs_kept(image, implementation=implementation, block_sizes=blocks,
                                           **params)
   np.testing.assert_allclose(kept, [0.5])
-  out = dense_crf_module.bilateral_filter(q, image, implementation=implementation,
+  out = crf_api.bilateral_filter(q, image, implementation=implementation,
                                           block_sizes=blocks, **params)
   expected = crf_reference.bilateral_filter(q, image, **params)
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
@@ -316,17 +315,9 @@ def test_pallas_gradients_match_xla(rng, implementation):
 # ------------------------------------------------------------------------------------------
 # Lowering for the real backends (as tests/kernels/test_lowering.py does for the other kernels).
 
-_TPU_V5E = jax.sharding.AbstractMesh(
-    (1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
-        device_kind="TPU v5 lite", num_cores=1, platform="tpu"))
-_TARGETS = {"pallas_tpu": ("tpu", "tpu", "tpu_custom_call"),
-            "pallas_gpu": ("gpu", "cuda", "mosaic_gpu_v2")}
-
-
 @pytest.mark.parametrize("implementation", PALLAS)
 @pytest.mark.parametrize("shape", [(2, 321, 321, 21), (1, 7, 9, 3)], ids=["voc", "tiny"])
 def test_pallas_lowers_forward_and_backward(implementation, shape):
-  platform, export_platform, target = _TARGETS[implementation]
   logits = jax.ShapeDtypeStruct(shape, jnp.float32)
   image = jax.ShapeDtypeStruct(shape[:3] + (3,), jnp.float32)
 
@@ -336,11 +327,9 @@ def test_pallas_lowers_forward_and_backward(implementation, shape):
                                implementation=implementation).sum()
     return jax.value_and_grad(loss, argnums=(0, 1))(logits, bi_w)
 
-  mesh = jax.sharding.use_abstract_mesh(_TPU_V5E) if platform == "tpu" else contextlib.nullcontext()
-  with kernels.lowering_for(platform), mesh:
-    exported = jax.export.export(jax.jit(loss_and_grad), platforms=[export_platform])(
-        logits, image, jax.ShapeDtypeStruct((), jnp.float32))
-  module = exported.mlir_module()
+  exported = export(implementation, loss_and_grad, logits, image,
+                    jax.ShapeDtypeStruct((), jnp.float32))
   # One filter call in the forward scan's body and one in the backward scan's (the same kernel
   # on the cotangent).
-  assert module.count(f"custom_call @{target}") == 2, "expected a forward and a backward kernel"
+  assert kernel_calls(implementation, exported.mlir_module()) == 2, \
+      "expected a forward and a backward kernel"

@@ -7,7 +7,6 @@ Each test prints its random seed (shown when it fails); ZOO_TEST_SEED=<base seed
 """
 
 import functools
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +14,7 @@ import numpy as np
 import pytest
 
 import kernels
-# kernels.window_attention is the function; the module (for relative_position_index) by name:
-window_attention_module = importlib.import_module("kernels.window_attention")
+from kernels.attention.geometry import relative_position_index
 
 PALLAS = ["pallas_tpu"]   # interpret mode on this machine
 IMPLEMENTATIONS = ["xla"] + PALLAS
@@ -119,7 +117,7 @@ def forward_and_vjp(qkv, table, cotangent, *, num_heads, window_size, shift, imp
 
 def test_relative_position_index_is_official():
   for m in (1, 2, 3, 7, 12):
-    np.testing.assert_array_equal(window_attention_module.relative_position_index(m), reference_index(m))
+    np.testing.assert_array_equal(relative_position_index(m), reference_index(m))
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels._common import divide
+from kernels import divide
 
 # detectron2 / torchvision's default clamp of dw, dh before exp: boxes at most 1000/16 times
 # larger than their reference box.

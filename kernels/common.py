@@ -1,9 +1,11 @@
-"""What every kernel in this package shares: choosing an implementation, checking arguments.
+"""What every kernel in this package shares: choosing an implementation, lowering for another
+platform, integer and float arithmetic the kernels agree on.
 
-`implementation` is one of "auto", "xla", "pallas_gpu", "pallas_tpu" (DESIGN.md, "Kernels").
-"auto" takes the Pallas version on a Hopper-or-newer GPU or a TPU and "xla" elsewhere.
-Asking for a Pallas version on a machine without that accelerator runs the same kernel in
-Pallas interpret mode, so it can be checked on a laptop.
+`implementation` is one of IMPLEMENTATIONS (DESIGN.md, "Kernels"). "auto" takes the Pallas
+version on a Hopper-or-newer GPU or a TPU and "xla" elsewhere. Asking for a Pallas version on a
+machine without that accelerator runs the same kernel in Pallas interpret mode, so it can be
+checked on a laptop. This module imports only jax (no Pallas): every op's API module imports
+it, and `import kernels` must load no Pallas backend.
 """
 
 import contextlib
@@ -37,32 +39,35 @@ def lowering_for(platform: str):
     _lowering_platform.reset(token)
 
 
-def _local_platform() -> str:
+def local_platform() -> str:
+  """"cpu", "gpu" or "tpu": the platform kernels are traced for (`lowering_for`'s, if inside)."""
   return _lowering_platform.get() or jax.default_backend()
 
 
 def _hopper_or_newer() -> bool:
   if _lowering_platform.get() == "gpu":
     return True
-  capability = getattr(jax.devices()[0], "compute_capability", "0")
+  capability = getattr(jax.devices()[0], "compute_capability", "0")  # only GPU devices have it
   return float(capability) >= 9.0
 
 
-def resolve_implementation(implementation: str, op: str, available=("xla", "pallas_tpu", "pallas_gpu")) -> str:
+def resolve_implementation(implementation: str, op: str,
+                           available=("xla", "pallas_tpu", "pallas_gpu")) -> str:
   """Returns "xla", "pallas_gpu" or "pallas_tpu" for a requested implementation of `op`.
 
-  `available` lists the implementations `op` has; "auto" picks among them.
+  `available` lists the implementations `op` has (every op has all three today); "auto" picks
+  among them.
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"{op}: implementation={implementation!r} is not one of {IMPLEMENTATIONS}.")
   if implementation == "auto":
-    platform = _local_platform()
+    platform = local_platform()
     if platform == "tpu" and "pallas_tpu" in available:
       return "pallas_tpu"
     if platform == "gpu" and _hopper_or_newer() and "pallas_gpu" in available:
       return "pallas_gpu"
     return "xla"
-  if implementation == "pallas_gpu" and _local_platform() == "gpu" and not _hopper_or_newer():
+  if implementation == "pallas_gpu" and local_platform() == "gpu" and not _hopper_or_newer():
     raise ValueError(f"{op}: implementation='pallas_gpu' is a Mosaic GPU kernel for Hopper (sm_90) "
                      "and newer GPUs; on this GPU use 'xla' (or 'auto').")
   if implementation not in available:
@@ -84,7 +89,7 @@ def unless_unsupported(requested: str, implementation: str, reason: str | None, 
 
 def interpret(implementation: str) -> bool:
   """Whether a Pallas implementation must run in interpret mode on this machine."""
-  return _local_platform() != _PALLAS_PLATFORM[implementation]
+  return local_platform() != _PALLAS_PLATFORM[implementation]
 
 
 def pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -96,22 +101,9 @@ def pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
   return values
 
 
-def check_box_arguments(features, boxes, box_indices, op: str) -> None:
-  """Checks the (features, boxes, box_indices) triple every RoI op takes."""
-  if jnp.ndim(features) != 4:
-    raise ValueError(f"{op}: features must have rank 4, (N, H, W, C) channels-last, got shape "
-                     f"{jnp.shape(features)}.")
-  if not jnp.issubdtype(jnp.result_type(features), jnp.floating):
-    raise ValueError(f"{op}: features must be floating point, got {jnp.result_type(features)}.")
-  if jnp.ndim(boxes) != 2 or jnp.shape(boxes)[1] != 4:
-    raise ValueError(f"{op}: boxes must have shape (K, 4) as (x1, y1, x2, y2), got shape "
-                     f"{jnp.shape(boxes)}.")
-  if jnp.ndim(box_indices) != 1 or jnp.shape(box_indices)[0] != jnp.shape(boxes)[0]:
-    raise ValueError(f"{op}: box_indices must have shape (K,) = ({jnp.shape(boxes)[0]},), one "
-                     f"batch index per box, got shape {jnp.shape(box_indices)}.")
-  if not jnp.issubdtype(jnp.result_type(box_indices), jnp.integer):
-    raise ValueError(f"{op}: box_indices must be integers (batch index of each box), got "
-                     f"{jnp.result_type(box_indices)}.")
+def round_up(value: int, multiple: int) -> int:
+  """The smallest multiple of `multiple` >= value (ints, or int arrays)."""
+  return -(-value // multiple) * multiple
 
 
 def divide(x: jax.Array, n: int | float) -> jax.Array:

@@ -1,7 +1,7 @@
 """The dense CRF's bilateral filter for Hopper GPUs in Pallas Mosaic GPU: the tiled unnormalised
-attention of `kernels/dense_crf.py`'s TPU kernel on the tensor cores (wgmma).
+attention of the TPU kernel (`pallas_tpu`) on the tensor cores (wgmma).
 
-One program per (image, query tile of 64 Z-ordered pixels, see kernels/dense_crf.py) walks the key tiles (64
+One program per (image, query tile of 64 Z-ordered pixels, see `geometry`) walks the key tiles (64
 pixels each) whose feature bounding box comes within sqrt(SKIP_DISTANCE2) of its own, double
 buffered (the next such tile's TMA copies run while this one computes). Per key tile, two
 products on the tensor cores:
@@ -14,8 +14,12 @@ products on the tensor cores:
 
 wgmma takes 16-bit operands (float32 would run as TF32): every float32 operand is split into
 three bfloat16 parts and the six products with i + j < 3 accumulate in float32 (relative error
-~2^-24, as kernels/roi_align_mosaic_gpu.py). The filter is symmetric, so the backward pass is
+~2^-24, `mosaic_gpu_common.parts` / `mma`). The filter is symmetric, so the backward pass is
 this kernel on the cotangent.
+
+Mosaic GPU: `plgpu.load(..., layout=WGMMA)` from an untransformed float32 SMEM ref fails lowering
+("Failed to synthesize a transfer pattern that avoids bank conflicts"): the raw key features'
+ref has an (8, 32) tiling and 128-byte swizzle.
 """
 
 import jax
@@ -24,10 +28,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels.roi_align import _round_up
-from kernels._mosaic_gpu import _InterpretParams, _iota, _mma, _parts, _smem_transforms
+from kernels import mosaic_gpu_common as mgpu
+from kernels.common import round_up
+from kernels.crf.geometry import SKIP_DISTANCE2, BlockSizes, Layout, TilePlan, ordered, tile_boxes, unordered
 
 TILE = 64          # pixels per query and key tile (wgmma's M granularity)
+BLOCK_SIZES = BlockSizes(query=TILE, key_tiles=1)
 _WIDTH = 64        # augmented feature width: 2 D + 1 <= 64 (one 128-byte bfloat16 swizzle row)
 MAX_FEATURES = (_WIDTH - 1) // 2
 
@@ -50,19 +56,27 @@ def raw_keys(features):
   return rows.transpose(0, 2, 1)
 
 
-def bilateral(features, q, boxes, skip_distance2: float, interpret: bool):
-  """(B, P, L) float32: sum over j != i of exp(-|f_i - f_j|^2 / 2) q[j].
+def bilateral(layout: Layout, q, plan: TilePlan, interpret: bool):
+  """(B, N, L) float32: sum over j != i of exp(-|f_i - f_j|^2 / 2) q[j], q (B, N, L) float32.
 
-  features: (B, P, D) float32 in tile (Z-) order, P a multiple of 64 (padded pixels have q = 0);
-  q: (B, P, L); boxes: (B, P / 64, 2, D) per-tile [lo, hi] feature bounding boxes.
+  The layout's features are in tile (Z-) order, padded to P = plan.pixels, a multiple of 64
+  (padded pixels get q = 0); `plan` has 64-pixel tiles (BLOCK_SIZES).
   """
+  out = _bilateral(layout.features, ordered(layout, q, plan.pixels),
+                   tile_boxes(layout.features, TILE), interpret)
+  return unordered(layout, out)
+
+
+def _bilateral(features, q, boxes, interpret: bool):
+  """(B, P, L) float32 for features (B, P, D) in tile order, q (B, P, L), boxes (B, P / 64, 2, D)
+  per-tile [lo, hi] feature bounding boxes."""
   b, p, d = features.shape
   l = q.shape[-1]
   tiles = p // TILE
-  lp = _round_up(l, 64)
-  q_parts = _parts(augmented_queries(features, boxes), 3)
+  lp = round_up(l, 64)
+  q_parts = mgpu.parts(augmented_queries(features, boxes), 3)
   keys = raw_keys(features)
-  v_parts = _parts(jnp.pad(q, ((0, 0), (0, 0), (0, lp - l))), 3)
+  v_parts = mgpu.parts(jnp.pad(q, ((0, 0), (0, 0), (0, lp - l))), 3)
   box_table = boxes.reshape(-1).astype(jnp.float32)
 
   def kernel(box_table, qa0, qa1, qa2, keys, v0, v1, v2, out, *scratch):
@@ -87,7 +101,7 @@ def bilateral(features, q, boxes, skip_distance2: float, interpret: bool):
       for k in range(d):
         gap = jnp.maximum(jnp.maximum(box(s, 0, k) - q_hi[k], q_lo[k] - box(s, 1, k)), 0.0)
         distance2 = distance2 + gap * gap
-      return distance2 <= skip_distance2
+      return distance2 <= SKIP_DISTANCE2
 
     def next_key_tile(s):
       """The first key tile after s within reach, or `tiles` when there is none."""
@@ -101,10 +115,10 @@ def bilateral(features, q, boxes, skip_distance2: float, interpret: bool):
       for source, tile in zip((v0, v1, v2), v_slots[slot]):
         plgpu.copy_gmem_to_smem(source.at[image, pl.ds(s * TILE, TILE), :], tile, bar_v.at[slot])
 
-    row = _iota((_WIDTH, TILE), 0, interpret)
+    row = mgpu.iota((_WIDTH, TILE), 0, interpret)
     centre_rows = sum(jnp.where((row == k) | (row == d + 1 + k), centre[k], 0.0) for k in range(d))
-    query_index = t * TILE + _iota((TILE, TILE), 0, interpret)
-    key_offset = _iota((TILE, TILE), 1, interpret)
+    query_index = t * TILE + mgpu.iota((TILE, TILE), 0, interpret)
+    key_offset = mgpu.iota((TILE, TILE), 1, interpret)
 
     def accumulate(out_acc):
       def compute(s, slot):
@@ -114,22 +128,22 @@ def bilateral(features, q, boxes, skip_distance2: float, interpret: bool):
         g = raw - centre_rows                                          # (64, TILE)
         k_aug = jnp.where(row < d, -2.0 * g,
                           jnp.where(row == d, 1.0, jnp.where(row <= 2 * d, g * g, 0.0)))
-        for tile, part in zip(ka_tiles, _parts(k_aug, 3)):
+        for tile, part in zip(ka_tiles, mgpu.parts(k_aug, 3)):
           tile[...] = part
         plgpu.commit_smem()
 
         def distances(d2_acc):
-          _mma(d2_acc, qa_tiles, ka_tiles)
+          mgpu.mma(d2_acc, qa_tiles, ka_tiles)
           return d2_acc[...]
 
         d2 = pl.run_scoped(distances, plgpu.ACC((TILE, TILE), jnp.float32))
         weights = jnp.exp(-0.5 * jnp.maximum(d2, 0.0))
         weights = jnp.where(query_index == s * TILE + key_offset, 0.0, weights)   # j != i
-        for tile, part in zip(s_tiles, _parts(weights, 3)):
+        for tile, part in zip(s_tiles, mgpu.parts(weights, 3)):
           tile[...] = part
         plgpu.commit_smem()
         plgpu.barrier_wait(bar_v.at[slot])
-        _mma(out_acc, s_tiles, v_slots[slot])
+        mgpu.mma(out_acc, s_tiles, v_slots[slot])
 
       # Double-buffered walk over the key tiles within reach: the next tile's copies run into
       # the other slot while this one computes (static slots: two copies of the code).
@@ -161,7 +175,7 @@ def bilateral(features, q, boxes, skip_distance2: float, interpret: bool):
     plgpu.wait_smem_to_gmem(0)
 
   bf16 = jnp.bfloat16
-  swizzled = lambda shape: plgpu.SMEM(shape, bf16, transforms=_smem_transforms(bf16))
+  swizzled = lambda shape: plgpu.SMEM(shape, bf16, transforms=mgpu.smem_transforms(bf16))
   out = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((b, p, lp), jnp.float32),
@@ -172,11 +186,11 @@ def bilateral(features, q, boxes, skip_distance2: float, interpret: bool):
           + [swizzled((_WIDTH, TILE)) for _ in range(3)]     # k_aug parts (K x N)
           + [swizzled((TILE, TILE)) for _ in range(3)]       # kernel values (M x K)
           + [swizzled((TILE, lp)) for _ in range(6)]         # Q of the key tile (K x N), 2 slots
-          + [plgpu.SMEM((_WIDTH, TILE), jnp.float32, transforms=_smem_transforms(jnp.float32))
+          + [plgpu.SMEM((_WIDTH, TILE), jnp.float32, transforms=mgpu.smem_transforms(jnp.float32))
              for _ in range(2)]                              # raw key features, 2 slots
           + [plgpu.SMEM((TILE, lp), jnp.float32),
              plgpu.Barrier(num_arrivals=3), plgpu.Barrier(num_barriers=2),
              plgpu.Barrier(num_arrivals=3, num_barriers=2)]),
-      interpret=_InterpretParams() if interpret else None,
+      interpret=mgpu.InterpretParams() if interpret else None,
   )(box_table, *q_parts, keys, *v_parts)
   return out[:, :, :l]

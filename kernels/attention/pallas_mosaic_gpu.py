@@ -1,4 +1,4 @@
-"""Swin's shifted-window attention for Hopper GPUs in Pallas Mosaic GPU (see window_attention.py).
+"""Swin's shifted-window attention for Hopper GPUs in Pallas Mosaic GPU (see `api`, `pallas_tpu`).
 
 Forward: one program (a warpgroup) per (image, band of M rolled rows, head); it walks the
 band's windows. A window's q, k and v columns of the head arrive by TMA straight from the
@@ -16,11 +16,17 @@ over the image's windows in that fixed order (no atomics: deterministic) and wri
 
 wgmma multiplies 16-bit inputs (float32 would run as TF32, ~1e-3 off), so float32 operands are
 split into three bfloat16 parts (x = hi + mid + lo) and the six leading products accumulate in
-float32 (`_parts`, `_mma` in kernels/_mosaic_gpu.py).
+float32 (`parts`, `mma` in kernels/mosaic_gpu_common.py).
 
 Limits (`check_supported`): head_dim a multiple of 16 (wgmma's K), M * group <= 64 slots (one
 wgmma row block: windows up to 8 x 8), and with a shift, M - shift a multiple of the TMA slot
-alignment (128 bytes / (head_dim * itemsize), 1 for float32 head_dim 32).
+alignment (128 bytes / (head_dim * itemsize), 1 for float32 head_dim 32). Elsewhere "auto"
+runs xla and an explicit "pallas_gpu" says why not.
+
+Mosaic GPU lessons: a TMA load must move a multiple of 128 bytes (runs are read rounded up into
+spare slots; TMA zero-fills past the map's edge), wgmma wants the same swizzle on both operands,
+loads of untiled SMEM into the wgmma layout need `optimized=False`, and the GPU interpreter
+cannot read `transpose_ref` views (interpret mode stores transposed copies instead).
 """
 
 from typing import NamedTuple
@@ -32,7 +38,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels._mosaic_gpu import _InterpretParams, _iota, _mma, _parts, _zeros
+from kernels import mosaic_gpu_common as mgpu
+from kernels.attention.geometry import MASK_VALUE, WindowGeometry
 
 _SLOTS = 64          # one wgmma row block
 _TMA_ALIGN_BYTES = 128
@@ -148,7 +155,7 @@ def _store_window(s: _Shape, stages, destinations, image, band, j, wrapped):
 def _region_mask(s: _Shape, band, j, interpret):
   """(64, 64) float32: -100 between slots of different regions of the rolled map."""
   def ids(dimension):
-    t = _iota((_SLOTS, _SLOTS), dimension, interpret)
+    t = mgpu.iota((_SLOTS, _SLOTS), dimension, interpret)
     rows = band * s.window + t // s.slots.group
     cols = j * s.window + t % s.slots.group
 
@@ -157,7 +164,7 @@ def _region_mask(s: _Shape, band, j, interpret):
 
     return region(rows, s.height) * 3 + region(cols, s.width)
 
-  return jnp.where(ids(0) != ids(1), -100.0, 0.0)
+  return jnp.where(ids(0) != ids(1), MASK_VALUE, 0.0)
 
 
 class _Operand(NamedTuple):
@@ -167,10 +174,10 @@ class _Operand(NamedTuple):
   transposed_parts: list
 
   def store(self, values):
-    for tile, part in zip(self.parts, _parts(values, len(self.parts))):
+    for tile, part in zip(self.parts, mgpu.parts(values, len(self.parts))):
       tile[...] = part
     if self.transposed_parts:
-      for tile, part in zip(self.transposed_parts, _parts(values.T, len(self.parts))):
+      for tile, part in zip(self.transposed_parts, mgpu.parts(values.T, len(self.parts))):
         tile[...] = part
 
   @property
@@ -200,7 +207,7 @@ def _operands(refs, count, num_parts, interpret):
 def _matmul(acc_shape, lhs, rhs):
   """sum of the split products lhs_i @ rhs_j as a float32 register array."""
   def run(acc):
-    _mma(acc, lhs, rhs)
+    mgpu.mma(acc, lhs, rhs)
     return acc[...]
   return pl.run_scoped(run, plgpu.ACC(acc_shape, jnp.float32))
 
@@ -235,7 +242,7 @@ def _prologue(stages, bias_ref, bias_s, bias_barrier, head, dtype, interpret):
   return _load(bias_s, interpret)
 
 
-def forward(qkv, bias_slots, s: _Shape, interpret: bool):
+def _forward(qkv, bias_slots, s: _Shape, interpret: bool):
   """(B, H, W, C) attention output; bias_slots (heads, 64, 64) float32 in slot space."""
   b, h, w, _ = qkv.shape
   dtype, d, c = qkv.dtype, s.head_dim, s.channels
@@ -275,11 +282,11 @@ def forward(qkv, bias_slots, s: _Shape, interpret: bool):
       scratch_types=([plgpu.SMEM((_SLOTS, d), dtype)] * 3 + operands + [
           plgpu.SMEM((_SLOTS, _SLOTS), jnp.float32), plgpu.SMEM((_SLOTS, d), dtype),
           plgpu.Barrier(num_arrivals=3, num_barriers=2 * s.window), plgpu.Barrier()]),
-      interpret=_InterpretParams() if interpret else None,
+      interpret=mgpu.InterpretParams() if interpret else None,
   )(qkv, bias_slots)
 
 
-def backward(qkv, bias_slots, grad_out, s: _Shape, interpret: bool):
+def _backward(qkv, bias_slots, grad_out, s: _Shape, interpret: bool):
   """(dL/dqkv (B, H, W, 3C), dL/dbias per image in slot space (B, heads, 64, 64) float32)."""
   b, h, w, c3 = qkv.shape
   dtype, d, c = qkv.dtype, s.head_dim, s.channels
@@ -327,7 +334,7 @@ def backward(qkv, bias_slots, grad_out, s: _Shape, interpret: bool):
       return window(band, last, bool(s.shift), grad_bias)
 
     # The image's windows in a fixed order: a deterministic bias gradient.
-    grad_bias = lax.fori_loop(0, h // s.window, band_body, _zeros((_SLOTS, _SLOTS), interpret))
+    grad_bias = lax.fori_loop(0, h // s.window, band_body, mgpu.zeros((_SLOTS, _SLOTS), interpret))
     bias_s[...] = grad_bias
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(bias_s, grad_bias_ref.at[image, head])
@@ -344,5 +351,29 @@ def backward(qkv, bias_slots, grad_out, s: _Shape, interpret: bool):
       scratch_types=([plgpu.SMEM((_SLOTS, d), dtype)] * 4 + operands + [
           plgpu.SMEM((_SLOTS, _SLOTS), jnp.float32)] + [plgpu.SMEM((_SLOTS, d), dtype)] * 3 + [
           plgpu.Barrier(num_arrivals=4, num_barriers=2 * s.window), plgpu.Barrier()]),
-      interpret=_InterpretParams() if interpret else None,
+      interpret=mgpu.InterpretParams() if interpret else None,
   )(qkv, grad_out.astype(dtype), bias_slots)
+
+
+def _layout(qkv, bias, g: WindowGeometry):
+  """The kernel's shape, its (heads, 64, 64) bias in slot space and each token's slot."""
+  token_slots_of = slots(g.window, g.head_dim, qkv.dtype)
+  shape = _Shape(g.height, g.width, g.window, g.shift, g.num_heads, g.head_dim, token_slots_of)
+  token_slots = jnp.asarray(token_slots_of.token_slots(g.window))
+  bias_slots = jnp.full((g.num_heads, _SLOTS, _SLOTS), -jnp.inf, jnp.float32)  # keys no token uses
+  bias_slots = bias_slots.at[:, :, token_slots].set(0.0)
+  bias_slots = bias_slots.at[:, token_slots[:, None], token_slots[None, :]].set(bias)
+  return shape, bias_slots, token_slots
+
+
+def forward(qkv, bias, g: WindowGeometry, interpret: bool):
+  """(B, H, W, C) attention output; bias (heads, N, N) float32 (relative position bias)."""
+  shape, bias_slots, _ = _layout(qkv, bias, g)
+  return _forward(qkv, bias_slots, shape, interpret)
+
+
+def backward(qkv, bias, grad_out, g: WindowGeometry, interpret: bool):
+  """(dL/dqkv (B, H, W, 3C), dL/dbias per image (B, heads, N, N) float32)."""
+  shape, bias_slots, token_slots = _layout(qkv, bias, g)
+  grad_qkv, grad_bias = _backward(qkv, bias_slots, grad_out, shape, interpret)
+  return grad_qkv, grad_bias[:, :, token_slots[:, None], token_slots[None, :]]
