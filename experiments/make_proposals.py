@@ -4,9 +4,9 @@ r"""Writes the embedded data's stand-in proposals to files, one per split, for F
     python -m experiments.train --config=experiments/configs/fast_rcnn.py:file \
         --config.data.proposals=runs/proposals/digit_canvases_{split}.npz --workdir=runs/fast_rcnn_file
 
-The boxes are `zoo.detection.proposals.jittered_proposals` of each example (k jittered copies of
-every ground-truth box + random boxes, keyed by fold_in(key(seed), id)): exactly the ones
-`fast_rcnn_vgg16` generates in the graph with the same settings, now in a file
+The boxes are `zoo.data.standin_proposals.jittered_proposals` of each example (k jittered copies
+of every ground-truth box + random boxes, keyed by fold_in(key(seed), id)): exactly the ones
+`--config.data.proposals` as a dict of the same settings joins to the data, now in a file
 (`zoo.data.proposal_files`' .npz, keyed by the example id) that the data pipeline joins to
 the examples like a Selective Search file for VOC.
 """
@@ -14,11 +14,9 @@ the examples like a Selective Search file for VOC.
 import os
 
 from absl import app, flags
-import jax
-import numpy as np
 
-from zoo.data import load_data_source, pipeline, proposal_files
-from zoo.detection import proposals as proposals_lib
+from zoo.data import load_data_source, proposal_files
+from zoo.data.standin_proposals import split_proposals
 
 DATASET = flags.DEFINE_string("dataset", "digit_canvases", "A dataset with boxes and ids.")
 DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir.")
@@ -27,30 +25,8 @@ OUTPUT = flags.DEFINE_string("output", "runs/proposals/digit_canvases_{split}.np
                              "Output path; {split} is replaced by the split.")
 NUM_PROPOSALS = flags.DEFINE_integer("num_proposals", 128, "Proposals per image (P).")
 COPIES = flags.DEFINE_integer("copies", 16, "Jittered copies per ground-truth box.")
-SEED = flags.DEFINE_integer("seed", 0, "The proposals' seed (fast_rcnn_vgg16's proposal_seed).")
+SEED = flags.DEFINE_integer("seed", 0, "The proposals' seed (config.data.proposals.seed).")
 MAX_OBJECTS = flags.DEFINE_integer("max_objects", 4, "Object slots per image (the config's).")
-
-
-def split_proposals(source, *, num_proposals: int, copies: int, seed: int, max_objects: int,
-                    batch_size: int = 256) -> dict:
-  """{example id: (P, 4) float32 pixels} for every example of `source` (module doc)."""
-  height, width = np.shape(source[0]["image"])[:2]
-
-  @jax.jit
-  def generate(ids, boxes, valid):
-    def one(example_id, gt_boxes, gt_valid):
-      return proposals_lib.jittered_proposals(
-          proposals_lib.example_key(seed, example_id), gt_boxes, gt_valid, (height, width),
-          num_proposals=num_proposals, copies=copies)
-    return jax.vmap(one)(ids, boxes, valid)
-
-  out = {}
-  for batch in pipeline.eval_batches(source, global_batch_size=batch_size, max_objects=max_objects,
-                                     features=("boxes", "id"), process_index=0, process_count=1):
-    boxes = np.asarray(generate(batch["id"], batch["boxes"], batch["objects_valid"]))
-    for i in np.flatnonzero(batch["example_valid"]):
-      out[int(batch["id"][i])] = boxes[i]
-  return out
 
 
 def main(argv):

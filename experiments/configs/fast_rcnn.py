@@ -67,8 +67,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(
       name="fast_rcnn_vgg16", num_classes=num_classes, widths=(8, 16, 32, 64, 64), norm="batch",
       image_scale=2.0, pooling="roi_pool", representation_size=256, dropout_rate=0.0,
-      num_proposals=num_proposals, proposal_copies=16, box_batch_size_per_image=64,
-      detections_per_image=16, detection_candidates=256))
+      roi_heads=dict(batch_size_per_image=64, detections_per_image=16, detection_candidates=256)))
   config.task = ml_collections.ConfigDict(dict(name="detection", num_classes=num_classes,
                                                proposals="generated"))
   config.data = common.digit_canvases(max_objects=4)
@@ -79,7 +78,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     num_classes.set(20)
     config.model = ml_collections.ConfigDict(dict(
         name="fast_rcnn_vgg16", num_classes=num_classes, frozen_stages=2, pooling="roi_pool",
-        box_batch_size_per_image=64, detections_per_image=100))
+        roi_heads=dict(batch_size_per_image=64, detections_per_image=100)))
     config.task.proposals = "data"
     config.data.update(name="voc/2007", augment=(), max_objects=64,
                        proposals="voc_2007_{split}.mat", max_proposals=2000)
@@ -92,10 +91,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict(dict(
         name="faster_rcnn_vgg16", num_classes=num_classes, widths=(8, 16, 32, 64, 64),
         norm="batch", image_scale=2.0, representation_size=256, dropout_rate=0.0,
-        anchor_sizes=(16, 32, 64), rpn_channels=64,
-        rpn_pre_nms_top_n_train=576, rpn_post_nms_top_n_train=64, rpn_pre_nms_top_n_test=576,
-        rpn_post_nms_top_n_test=64, rpn_batch_size_per_image=rpn_batch_size_per_image,
-        box_batch_size_per_image=64, detections_per_image=16, detection_candidates=256))
+        rpn=dict(anchor_sizes=((16, 32, 64),), pre_nms_topk_train=576, post_nms_topk_train=64,
+                 pre_nms_topk_test=576, post_nms_topk_test=64,
+                 batch_size_per_image=rpn_batch_size_per_image),
+        roi_heads=dict(batch_size_per_image=64, detections_per_image=16,
+                       detection_candidates=256)))
     config.task = ml_collections.ConfigDict(dict(
         name="detection", num_classes=num_classes,
         rpn_batch_size_per_image=rpn_batch_size_per_image))
@@ -103,9 +103,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.model.update(pooling="spp", spp_levels=(1, 2, 4))
   if arg.roi_align:
     config.model.pooling = "roi_align"
-  if arg.file:  # the generated proposals, written to files by experiments.make_proposals
+  if arg.file:  # the stand-in proposals, written to files by experiments.make_proposals
     config.task.proposals = "data"
     config.data.update(proposals="runs/proposals/digit_canvases_{split}.npz",
+                       max_proposals=num_proposals)
+  elif not (arg.voc or arg.faster):  # the stand-ins generated when the data source is loaded
+    config.data.update(proposals=dict(num_proposals=num_proposals, copies=16, seed=0,
+                                      max_objects=config.data.get_ref("max_objects")),
                        max_proposals=num_proposals)
   if arg.smoke:
     common.smoke(config, total_steps=2, batch_size=2, eval_batch_size=8, warmup_steps=1,

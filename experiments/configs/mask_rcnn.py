@@ -43,12 +43,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                                  eval_every=750, eval_batch_size=32)
   config.model = ml_collections.ConfigDict(dict(
       name="mask_rcnn_r50_fpn", num_classes=num_classes, width=8, norm="batch", frozen_stages=-1,
-      fpn_channels=32, anchor_sizes=((8,), (16,), (32,), (64,), (128,)),
-      rpn_pre_nms_top_n_train=256, rpn_post_nms_top_n_train=128,
-      rpn_pre_nms_top_n_test=256, rpn_post_nms_top_n_test=64,
-      rpn_batch_size_per_image=rpn_batch_size_per_image, box_batch_size_per_image=64,
-      representation_size=128, mask_channels=32, detections_per_image=16,
-      detection_candidates=256))
+      fpn_channels=32, representation_size=128, mask_channels=32,
+      rpn=dict(anchor_sizes=((8,), (16,), (32,), (64,), (128,)), pre_nms_topk_train=256,
+               post_nms_topk_train=128, pre_nms_topk_test=256, post_nms_topk_test=64,
+               batch_size_per_image=rpn_batch_size_per_image),
+      roi_heads=dict(batch_size_per_image=64, detections_per_image=16, detection_candidates=256)))
   config.task = ml_collections.ConfigDict(dict(
       name="detection", num_classes=num_classes, masks=True,
       rpn_batch_size_per_image=rpn_batch_size_per_image))
@@ -60,7 +59,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     rpn_batch_size_per_image.set(256)
     config.model = ml_collections.ConfigDict(dict(
         name="mask_rcnn_r50_fpn", num_classes=num_classes, norm="frozen", frozen_stages=1,
-        rpn_batch_size_per_image=rpn_batch_size_per_image))
+        rpn=dict(batch_size_per_image=rpn_batch_size_per_image)))
     config.data.update(name="voc/2007" if arg.voc else "coco/2017_panoptic" if arg.coco else
                        "coco/2017", augment=(), max_objects=100)
     config.eval_split = "test" if arg.voc else "validation"
@@ -70,6 +69,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                             weight_decay=1e-4)
   if arg.faster or arg.voc or arg.coco_boxes:  # no mask head
     config.model.name = "faster_rcnn_r50_fpn"
+    if "mask_channels" in config.model:
+      del config.model["mask_channels"]
     config.task.masks = False
   if arg.smoke:
     common.smoke(config, total_steps=2, batch_size=2, eval_batch_size=8, warmup_steps=1,

@@ -132,24 +132,29 @@ def test_random_translate_moves_proposals_with_the_image():
   np.testing.assert_array_equal(moved["proposals_valid"], on_canvas & example["proposals_valid"])
 
 
-def test_embedded_data_proposal_files_equal_the_in_graph_ones(tiny_data_dir, tmp_path):
+def test_embedded_data_proposal_files_equal_the_standin_proposals(tiny_data_dir, tmp_path):
+  """make_proposals' files and load_data_source(proposals={settings}) join the same boxes:
+  standin_proposals.jittered_proposals of each example's padded ground truth and id."""
   import jax
-  from experiments.make_proposals import split_proposals
-  from zoo.detection import proposals as proposals_lib
+  from zoo.data import standin_proposals
 
+  settings = dict(num_proposals=32, copies=4, seed=5, max_objects=8)
   source = load_data_source("digit_canvases/tiny", "validation", data_dir=tiny_data_dir)
-  written = split_proposals(source, num_proposals=32, copies=4, seed=5, max_objects=8,
-                            batch_size=8)
+  written = standin_proposals.split_proposals(source, **settings, batch_size=8)
   path = str(tmp_path / "digit_canvases_{split}.npz")
   proposal_files.save_proposals(path.replace("{split}", "validation"), written)
-  joined = load_data_source("digit_canvases/tiny", "validation", data_dir=tiny_data_dir,
-                            proposals=path)
-  batch = next(iter(pipeline.eval_batches(joined, global_batch_size=16, max_proposals=32,
-                                          features=("boxes", "proposals", "id"),
-                                          process_index=0, process_count=1)))
+  batches = []
+  for proposals in (path, settings):
+    joined = load_data_source("digit_canvases/tiny", "validation", data_dir=tiny_data_dir,
+                              proposals=proposals)
+    batches.append(next(iter(pipeline.eval_batches(
+        joined, global_batch_size=16, max_proposals=32, features=("boxes", "proposals", "id"),
+        process_index=0, process_count=1))))
+  batch = batches[0]
   assert batch["proposals_valid"].all()
+  np.testing.assert_array_equal(batches[1]["proposals"], batch["proposals"])
   for i in range(3):
-    expected = proposals_lib.jittered_proposals(
-        proposals_lib.example_key(5, jax.numpy.int32(batch["id"][i])), batch["boxes"][i],
+    expected = standin_proposals.jittered_proposals(
+        standin_proposals.example_key(5, jax.numpy.int32(batch["id"][i])), batch["boxes"][i],
         batch["objects_valid"][i], (64, 64), num_proposals=32, copies=4)
     np.testing.assert_allclose(batch["proposals"][i], expected, atol=1e-4)

@@ -1,5 +1,5 @@
 """Fast R-CNN / Faster R-CNN on VGG-16 (zoo/detection/fast_rcnn.py) and the embedded data's
-proposal generator (zoo/detection/proposals.py): the box head's logits, deltas, targets, loss and
+stand-in proposal generator (zoo/data/standin_proposals.py): the box head's logits, deltas, targets, loss and
 head-parameter gradients against a float64 NumPy transcription (torchvision's roi_pool CPU kernel,
 Fast R-CNN's fc6/fc7/cls_score/bbox_pred, torchvision's box coder, detectron2's losses, backprop
 written out by hand); shapes; finite training with an image without objects for every head
@@ -15,17 +15,16 @@ import pytest
 
 import zoo
 from zoo.backbones import VGG16
-from zoo.detection import fast_rcnn, proposals
+from zoo.data import standin_proposals as proposals
+from zoo.detection import fast_rcnn, rpn, two_stage
 from zoo.detection.task import Detection
 
 from tests.detection import box_reference
 
 TINY = dict(num_classes=3, widths=(4, 4, 8, 8, 8), representation_size=16, dropout_rate=0.0,
-            box_batch_size_per_image=16, detections_per_image=8, detection_candidates=32)
-EXTERNAL = dict(num_proposals=32, proposal_copies=4)
-RPN = dict(anchor_sizes=(8, 16, 32), rpn_channels=8, rpn_pre_nms_top_n_train=36,
-           rpn_post_nms_top_n_train=16, rpn_pre_nms_top_n_test=36, rpn_post_nms_top_n_test=16,
-           rpn_batch_size_per_image=16)
+            roi_heads=dict(batch_size_per_image=16, detections_per_image=8, detection_candidates=32))
+RPN = dict(rpn=dict(anchor_sizes=((8, 16, 32),), pre_nms_topk_train=36, post_nms_topk_train=16,
+                    pre_nms_topk_test=36, post_nms_topk_test=16, batch_size_per_image=16))
 
 
 def targets(batch=2, empty_image=1):
@@ -36,15 +35,29 @@ def targets(batch=2, empty_image=1):
       boxes[b, :2] = [(4, 4, 30, 28), (30, 20, 60, 50)]
       valid[b, :2] = True
   labels = np.where(valid, np.arange(3) % 3, -1).astype(np.int32)
-  return dict(boxes=boxes, labels=labels, objects_valid=valid, id=np.arange(batch, dtype=np.int32))
+  return dict(boxes=boxes, labels=labels, objects_valid=valid)
+
+
+def standin(batch_targets, num_proposals=32, copies=4):
+  """The embedded data's stand-in proposals of examples 0.. with these targets: (P, valid)."""
+  ids = np.arange(len(batch_targets["boxes"]), dtype=np.int32)
+  boxes = jax.vmap(lambda i, b, v: proposals.jittered_proposals(
+      proposals.example_key(0, i), b, v, (64, 64), num_proposals=num_proposals, copies=copies))(
+          ids, batch_targets["boxes"], batch_targets["objects_valid"])
+  return np.asarray(boxes), np.ones(boxes.shape[:2], bool)
+
+
+def model_inputs(name, batch_targets):
+  """The model's positional inputs besides the images: Fast R-CNN's proposals."""
+  return standin(batch_targets) if name == "fast_rcnn_vgg16" else ()
 
 
 @functools.lru_cache(maxsize=None)
 def model_and_variables(name="fast_rcnn_vgg16", **overrides):
-  model = zoo.create(name, **{**TINY, **(RPN if name == "faster_rcnn_vgg16" else EXTERNAL),
-                              **overrides})
-  variables = jax.jit(lambda key: model.init({"params": key}, jnp.zeros((1, 64, 64, 3)),
-                                             train=False))(jax.random.key(0))
+  model = zoo.create(name, **{**TINY, **(RPN if name == "faster_rcnn_vgg16" else {}), **overrides})
+  variables = jax.jit(lambda key, inputs: model.init(
+      {"params": key}, jnp.zeros((1, 64, 64, 3)), *inputs, train=False))(
+          jax.random.key(0), model_inputs(name, targets(batch=1)))
   return model, variables
 
 
@@ -179,11 +192,11 @@ def test_box_head_loss_and_gradients_match_float64_reference():
   xy = rng.uniform(0, 48, (2, 24, 2))
   given = np.concatenate([xy, xy + rng.uniform(4, 40, (2, 24, 2))], -1).astype(np.float32)
   given[0, :4] = batch_targets["boxes"][0, [0, 0, 1, 1]] + rng.uniform(-3, 3, (4, 4))  # positives
-  batch_targets["proposals"] = given
   task = Detection(3)
 
   def loss(params):
-    (outputs, aux) = model.apply({**variables, "params": params}, x, train=True,
+    (outputs, aux) = model.apply({**variables, "params": params}, x, given,
+                                 np.ones(given.shape[:2], bool), train=True,
                                  targets=batch_targets, rngs={"sampling": jax.random.key(5)})
     total, metrics = task.loss(outputs, {})
     return total, (outputs, aux, metrics)
@@ -213,13 +226,15 @@ def test_box_head_loss_and_gradients_match_float64_reference():
   # conv5_3 from the model's own backbone (VGG-16 is tested in tests/backbones), then the head.
   normalized = (x - jnp.asarray(fast_rcnn.IMAGENET_MEAN)) / jnp.asarray(fast_rcnn.IMAGENET_STD)
   conv5 = np.asarray(VGG16(TINY["widths"], fc_width=None).apply(
-      {"params": variables["params"]["body"]}, normalized, train=False)["conv5_3"], np.float64)
+      {"params": variables["params"]["backbone"]}, normalized, train=False)["conv5_3"], np.float64)
   assert conv5.shape == (2, 4, 4, 8)
   pooled = np.stack([reference_roi_pool(conv5[b], rois[b, k], 1 / 16, 7).reshape(-1)
                      for b in range(2) for k in range(rois.shape[1])])
   flat = lambda a: a.reshape((-1,) + a.shape[2:])
+  head_params = {**variables["params"]["roi_heads"]["box_head"],
+                 **variables["params"]["roi_heads"]["box_predictor"]}
   logits, picked, box_cls, box_reg, reference_grads = reference_head(
-      variables["params"], pooled, flat(box["classes"]), flat(box["positive"]),
+      head_params, pooled, flat(box["classes"]), flat(box["positive"]),
       flat(box["valid"]), flat(box["target_deltas"]).astype(np.float64))
   np.testing.assert_allclose(flat(box["class_logits"]), logits, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(flat(box["deltas"]), picked, rtol=1e-4, atol=1e-7)
@@ -227,15 +242,16 @@ def test_box_head_loss_and_gradients_match_float64_reference():
   np.testing.assert_allclose(float(metrics["box_reg"]), box_reg, rtol=1e-5)
   for layer, values in reference_grads.items():
     for name, value in values.items():
-      np.testing.assert_allclose(np.asarray(grads[layer][name]), value, rtol=1e-3,
+      head = "box_head" if layer in ("fc6", "fc7") else "box_predictor"
+      np.testing.assert_allclose(np.asarray(grads["roi_heads"][head][layer][name]), value, rtol=1e-3,
                                  atol=1e-4 * np.abs(value).max() + 1e-9, err_msg=f"{layer}/{name}")
 
 
 def test_inference_gives_padded_detections_and_uses_given_proposals():
   model, variables = model_and_variables()
   x = images(batch=2)
-  detections, aux = jax.jit(lambda v, x, t: model.apply(v, x, train=False, targets=t))(
-      variables, x, targets())
+  detections, aux = jax.jit(lambda v, x, p, valid: model.apply(v, x, p, valid, train=False))(
+      variables, x, *standin(targets()))
   assert {k: v.shape for k, v in detections.items()} == {
       "boxes": (2, 8, 4), "scores": (2, 8), "classes": (2, 8), "valid": (2, 8)}
   assert aux["proposals"].shape == (2, 32, 4)
@@ -244,7 +260,7 @@ def test_inference_gives_padded_detections_and_uses_given_proposals():
   classes = np.asarray(detections["classes"])
   assert ((classes >= 1) & (classes <= 3))[valid].all() and (classes[~valid] == 0).all()
   given = np.tile(np.array([[[0, 0, 20, 20], [10, 10, 50, 60]]], np.float32), (2, 1, 1))
-  _, aux = model.apply(variables, x, train=False, targets={"proposals": given})
+  _, aux = model.apply(variables, x, given, np.ones((2, 2), bool), train=False)
   np.testing.assert_array_equal(np.asarray(aux["proposals"]), given)
 
 
@@ -255,22 +271,22 @@ def test_inference_gives_padded_detections_and_uses_given_proposals():
     pytest.param("fast_rcnn_vgg16", (("pooling", "roi_align"),), marks=pytest.mark.slow)])
 def test_training_step_is_finite_with_an_image_without_objects(name, overrides):
   model, variables = model_and_variables(name, **dict(overrides), dropout_rate=0.5)
-  task = Detection(3, rpn_batch_size_per_image=16, proposals=None if model.rpn else "generated")
+  task = Detection(3, rpn_batch_size_per_image=16)
 
-  def loss(params, batch_targets):
-    (outputs, _) = model.apply({**variables, "params": params}, images(), train=True,
+  def loss(params, batch_targets, inputs):
+    (outputs, _) = model.apply({**variables, "params": params}, images(), *inputs, train=True,
                                targets=batch_targets, rngs={"sampling": jax.random.key(3),
                                                             "dropout": jax.random.key(4)})
     return task.loss(outputs, {})
 
   step = jax.jit(jax.value_and_grad(loss, has_aux=True))
-  (total, metrics), grads = step(variables["params"], targets())
+  (total, metrics), grads = step(variables["params"], targets(), model_inputs(name, targets()))
   assert np.isfinite(float(total)) and float(metrics["box_reg"]) > 0
-  assert ("rpn_objectness" in metrics) == model.rpn
+  assert ("rpn_objectness" in metrics) == (name == "faster_rcnn_vgg16")
   assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
-  empty = {k: (np.zeros_like(v) if k not in ("labels", "id") else
-               (np.full_like(v, -1) if k == "labels" else v)) for k, v in targets().items()}
-  (total, metrics), grads = step(variables["params"], empty)
+  empty = {k: np.zeros_like(v) if k != "labels" else np.full_like(v, -1)
+           for k, v in targets().items()}
+  (total, metrics), grads = step(variables["params"], empty, model_inputs(name, empty))
   assert np.isfinite(float(total)) and float(metrics["box_reg"]) == 0
   assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
@@ -280,27 +296,26 @@ def test_training_step_is_finite_with_an_image_without_objects(name, overrides):
 def test_fc6_takes_the_pooled_size(pooling, levels, cells):
   model = zoo.create("fast_rcnn_vgg16", **TINY, pooling=pooling,
                      **({"spp_levels": levels} if levels else {}))
-  shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)},
-                                             jnp.zeros((1, 64, 64, 3)), train=False))
-  assert shapes["params"]["fc6"]["kernel"].shape == (cells * 8, 16)
-  assert shapes["params"]["bbox_pred"]["kernel"].shape == (16, 4 * 4)
-  assert shapes["params"]["cls_score"]["kernel"].shape == (16, 4)
+  shapes = jax.eval_shape(lambda inputs: model.init({"params": jax.random.key(0)},
+                                                   jnp.zeros((1, 64, 64, 3)), *inputs,
+                                                   train=False),
+                          standin(targets(1)))["params"]["roi_heads"]
+  assert shapes["box_head"]["fc6"]["kernel"].shape == (cells * 8, 16)
+  assert shapes["box_predictor"]["bbox_pred"]["kernel"].shape == (16, 4 * 4)
+  assert shapes["box_predictor"]["cls_score"]["kernel"].shape == (16, 4)
 
 
 def test_clear_errors():
   model, variables = model_and_variables()
-  with pytest.raises(ValueError, match="missing \\['id'\\].*needs proposals"):
-    model.apply(variables, images(), train=False, targets={"boxes": np.zeros((2, 3, 4)),
-                                                          "objects_valid": np.zeros((2, 3), bool)})
-  with pytest.raises(ValueError, match="training\\) needs targets.*missing \\['labels'\\]"):
-    model.apply(variables, images(), train=True, targets={"proposals": np.zeros((2, 3, 4)),
-                                                         "boxes": np.zeros((2, 3, 4)),
-                                                         "objects_valid": np.zeros((2, 3), bool)},
+  given = standin(targets())
+  with pytest.raises(ValueError, match="training needs targets.*missing \\['labels'\\]"):
+    model.apply(variables, images(), *given, train=True,
+                targets={"boxes": np.zeros((2, 3, 4)), "objects_valid": np.zeros((2, 3), bool)},
                 rngs={"sampling": jax.random.key(0)})
-  with pytest.raises(ValueError, match="proposals'\\] must be \\(B, P, 4\\)"):
-    model.apply(variables, images(), train=False, targets={"proposals": np.zeros((2, 3))})
+  with pytest.raises(ValueError, match="proposals must be \\(B, P, 4\\)"):
+    model.apply(variables, images(), np.zeros((2, 3)), np.ones((2, 3), bool), train=False)
   with pytest.raises(ValueError, match="images \\(B, H, W, 3\\)"):
-    model.apply(variables, jnp.zeros((2, 64, 64)), train=False)
+    model.apply(variables, jnp.zeros((2, 64, 64)), *given, train=False)
   with pytest.raises(ValueError, match="pooling must be one of"):
     zoo.create("fast_rcnn_vgg16", pooling="max")
   with pytest.raises(ValueError, match="image_scale must be > 0"):
@@ -311,17 +326,21 @@ def test_clear_errors():
 
 def test_registry_names_each_variants_hyperparameters():
   assert {"fast_rcnn_vgg16", "faster_rcnn_vgg16"} <= set(zoo.list_models())
-  with pytest.raises(ValueError, match="has no hyper-parameter 'anchor_sizes'.*num_proposals"):
-    zoo.create("fast_rcnn_vgg16", anchor_sizes=(8,))
-  with pytest.raises(ValueError, match="has no hyper-parameter 'num_proposals'.*rpn_nms_threshold"):
+  with pytest.raises(ValueError, match="has no hyper-parameter 'rpn'.*roi_heads"):
+    zoo.create("fast_rcnn_vgg16", rpn=dict(nms_threshold=0.5))
+  with pytest.raises(ValueError, match="has no hyper-parameter 'num_proposals'.*rpn"):
     zoo.create("faster_rcnn_vgg16", num_proposals=8)
-  assert zoo.create("faster_rcnn_vgg16").rpn and not zoo.create("fast_rcnn_vgg16").rpn
-
+  with pytest.raises(ValueError, match="roi_heads has no field 'nope'.*batch_size_per_image"):
+    zoo.create("fast_rcnn_vgg16", roi_heads=dict(nope=1))
+  assert isinstance(zoo.create("faster_rcnn_vgg16"), two_stage.FasterRCNN)
+  assert isinstance(zoo.create("fast_rcnn_vgg16"), fast_rcnn.FastRCNN)
+  assert zoo.create("faster_rcnn_vgg16").rpn.anchor_sizes == ((128, 256, 512),)
 
 
 @pytest.mark.parametrize("image_scale", [1.0, 2.0])
 def test_rpn_anchors_are_torchvisions_for_the_resized_image_in_input_pixels(image_scale):
-  anchors = np.asarray(fast_rcnn.rpn_anchors((3, 5), (16, 32, 64), (0.5, 1.0, 2.0), image_scale))
+  anchors = np.asarray(rpn.anchors([(3, 5)], ((16, 32, 64),), (0.5, 1.0, 2.0), (16,),
+                                   image_scale)[0])
   cell = box_reference.cell_anchors_torchvision([s * image_scale for s in (16, 32, 64)],
                                                 (0.5, 1.0, 2.0))
   expected = box_reference.grid_anchors(cell, (3, 5), (16, 16)) / image_scale
@@ -339,21 +358,24 @@ def test_training_step_lowers_for_gpu_and_tpu(implementation, name, overrides, p
   """jax.export of the training step (loss and gradients) for CUDA and TPU, the pooling kernels
   lowered for real (conv5_3 has 8 channels here: the GPU RoI pooling kernel pads them to 128)."""
   from tests.lowering import export, kernel_calls
-  model = zoo.create(name, **{**TINY, **(RPN if name == "faster_rcnn_vgg16" else EXTERNAL),
+  model = zoo.create(name, **{**TINY, **(RPN if name == "faster_rcnn_vgg16" else {}),
                               **dict(overrides)})
-  task = Detection(3, rpn_batch_size_per_image=16, proposals=None if model.rpn else "generated")
-  variables = jax.eval_shape(lambda key: model.init(
-      {"params": key}, jnp.zeros((1, 64, 64, 3)), train=False), jax.random.key(0))
+  task = Detection(3, rpn_batch_size_per_image=16)
+  inputs = model_inputs(name, targets())
+  variables = jax.eval_shape(lambda key, inputs: model.init(
+      {"params": key}, jnp.zeros((1, 64, 64, 3)), *inputs, train=False),
+      jax.random.key(0), model_inputs(name, targets(1)))
 
-  def step(variables, images, batch_targets):
+  def step(variables, images, batch_targets, inputs):
     def loss(params):
-      outputs, _ = model.apply({**variables, "params": params}, images, train=True,
+      outputs, _ = model.apply({**variables, "params": params}, images, *inputs, train=True,
                                targets=batch_targets, rngs={"sampling": jax.random.key(3)})
       return task.loss(outputs, {})[0]
     return jax.value_and_grad(loss)(variables["params"])
 
   shapes = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
-  module = export(implementation, step, variables, shapes(images()), shapes(targets())).mlir_module()
+  module = export(implementation, step, variables, shapes(images()), shapes(targets()),
+                  shapes(inputs)).mlir_module()
   # Forward kernels; the GPU also has backward kernels for RoI pooling (the TPU's is XLA's
   # scatter-add) and both for RoIAlign.
   backward = implementation == "pallas_gpu" or dict(overrides).get("pooling") == "roi_align"

@@ -1,4 +1,4 @@
-"""Faster / Mask R-CNN (zoo/detection/rcnn.py) and the detection task: shapes, static-shape
+"""Faster / Mask R-CNN (zoo/detection/two_stage.py, rpn.py, roi_heads.py) and the detection task: shapes, static-shape
 training on images with and without objects, 8 devices vs 1, clear errors, mask pasting
 against a float64 NumPy transcription of detectron2's grid_sample pasting."""
 
@@ -11,15 +11,18 @@ import pytest
 
 import zoo
 from zoo.backbones import fpn
-from zoo.detection import rcnn
+from zoo.detection import roi_heads
+from zoo.layers import cpu_conv_gradient
 from zoo.detection.task import Detection
 from tests.lowering import export, kernel_calls
 
 TINY = dict(num_classes=3, width=4, norm="batch", frozen_stages=-1, fpn_channels=8,
-            anchor_sizes=((8,), (16,), (32,), (64,), (128,)), rpn_pre_nms_top_n_train=64,
-            rpn_post_nms_top_n_train=32, rpn_pre_nms_top_n_test=64, rpn_post_nms_top_n_test=16,
-            rpn_batch_size_per_image=32, box_batch_size_per_image=16, representation_size=16,
-            mask_channels=8, detections_per_image=8, detection_candidates=32)
+            representation_size=16,
+            rpn=dict(anchor_sizes=((8,), (16,), (32,), (64,), (128,)), pre_nms_topk_train=64,
+                     post_nms_topk_train=32, pre_nms_topk_test=64, post_nms_topk_test=16,
+                     batch_size_per_image=32),
+            roi_heads=dict(batch_size_per_image=16, detections_per_image=8, detection_candidates=32))
+MASKS = dict(mask_channels=8)
 
 
 def targets(batch=8, objects=3, size=64, empty_image=1):
@@ -39,7 +42,8 @@ def targets(batch=8, objects=3, size=64, empty_image=1):
 
 @functools.lru_cache(maxsize=None)
 def model_and_variables(masks=True):
-  model = zoo.create("mask_rcnn_r50_fpn" if masks else "faster_rcnn_r50_fpn", **TINY)
+  model = (zoo.create("mask_rcnn_r50_fpn", **TINY, **MASKS) if masks else
+           zoo.create("faster_rcnn_r50_fpn", **TINY))
   images = jnp.zeros((1, 64, 64, 3))
   variables = jax.jit(lambda key: model.init({"params": key}, images, train=False))(jax.random.key(0))
   return model, variables
@@ -115,8 +119,8 @@ def test_mask_chunks_change_nothing_but_unused_slots():
   """The mask head skips chunks of slots without a positive / detection: per-slot chunks give
   the loss and gradients of one chunk, and the masks of the valid detections (0 elsewhere)."""
   _, variables = model_and_variables()
-  one_chunk = zoo.create("mask_rcnn_r50_fpn", **TINY, mask_chunk=1000)
-  per_slot = zoo.create("mask_rcnn_r50_fpn", **TINY, mask_chunk=1)
+  one_chunk = zoo.create("mask_rcnn_r50_fpn", **TINY, **MASKS, mask_chunk=1000)
+  per_slot = zoo.create("mask_rcnn_r50_fpn", **TINY, **MASKS, mask_chunk=1)
   task = Detection(3, masks=True, rpn_batch_size_per_image=32)
   images = jnp.asarray(np.random.default_rng(6).random((2, 64, 64, 3)), jnp.float32)
   batch_targets = targets(batch=2, empty_image=1)
@@ -150,12 +154,15 @@ def test_mask_head_convolution_gradient_is_the_convolutions(kernel_size):
   cotangent = jnp.asarray(rng.standard_normal((3, 7, 6, 4)), jnp.float32)
   pads = [(kernel_size // 2,) * 2] * 2
   grads = [jax.jit(jax.grad(lambda x, k: jnp.sum(f(x, k) * cotangent), argnums=(0, 1)))(x, kernel)
-           for f in (rcnn._same_conv, rcnn._same_conv_forward,
-                     lambda x, k: rcnn._mask_conv(x, k, (1, 1), pads))]
+           for f in (cpu_conv_gradient.same_convolution,
+                     cpu_conv_gradient.same_convolution_reference,
+                     lambda x, k: cpu_conv_gradient.cpu_gradient_conv_general_dilated(
+                         x, k, (1, 1), pads))]
   for ours in (grads[0], grads[2]):
     for a, b in zip(ours, grads[1]):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(rcnn._same_conv(x, kernel), rcnn._same_conv_forward(x, kernel))
+  np.testing.assert_allclose(cpu_conv_gradient.same_convolution(x, kernel),
+                             cpu_conv_gradient.same_convolution_reference(x, kernel))
 
 
 @pytest.mark.parametrize("implementation", ["pallas_gpu", "pallas_tpu"])
@@ -163,7 +170,7 @@ def test_training_step_and_inference_lower_for_gpu_and_tpu(implementation):
   """jax.export of the whole Mask R-CNN training step (loss and gradients) and inference for
   CUDA and TPU, kernels lowered for real: what interpret mode hides, e.g. the GPU RoIAlign's
   shared memory for 28 x 28 mask targets (those run as xla on GPUs)."""
-  model = zoo.create("mask_rcnn_r50_fpn", **TINY)
+  model = zoo.create("mask_rcnn_r50_fpn", **TINY, **MASKS)
   task = Detection(3, masks=True, rpn_batch_size_per_image=32)
   variables = jax.eval_shape(
       lambda key: model.init({"params": key}, jnp.zeros((1, 64, 64, 3)), train=False),
@@ -229,7 +236,7 @@ def test_paste_masks_matches_grid_sample():
   rng = np.random.default_rng(5)
   masks = rng.random((3, 6, 6))
   boxes = np.array([[2.3, 4.1, 15.7, 11.2], [0.0, 0.0, 20.0, 16.0], [-3.0, 5.5, 8.25, 30.0]])
-  out = np.asarray(rcnn.paste_masks(jnp.asarray(masks, jnp.float32), jnp.asarray(boxes, jnp.float32),
+  out = np.asarray(roi_heads.paste_masks(jnp.asarray(masks, jnp.float32), jnp.asarray(boxes, jnp.float32),
                                     (16, 20)))
   for d in range(3):
     np.testing.assert_allclose(out[d], reference_paste(masks[d], boxes[d], 16, 20), atol=2e-6)
@@ -266,5 +273,11 @@ def test_fpn_nearest_resize_is_torchvision_floor_rule():
 
 def test_registry_names_the_hyperparameters():
   assert {"faster_rcnn_r50_fpn", "mask_rcnn_r50_fpn"} <= set(zoo.list_models())
-  with pytest.raises(ValueError, match="has no hyper-parameter 'nope'.*rpn_nms_threshold"):
+  with pytest.raises(ValueError, match="has no hyper-parameter 'nope'.*rpn, roi_heads"):
     zoo.create("faster_rcnn_r50_fpn", nope=1)
+  with pytest.raises(ValueError, match="rpn has no field 'nope'; RPNConfig takes .*nms_threshold"):
+    zoo.create("faster_rcnn_r50_fpn", rpn=dict(nope=1))
+  model = zoo.create("mask_rcnn_r50_fpn", rpn=dict(nms_threshold=0.6),
+                     roi_heads=roi_heads.ROIHeadsConfig(detections_per_image=7))
+  assert model.rpn.nms_threshold == 0.6 and model.rpn.pre_nms_topk_test == 1000
+  assert model.roi_heads.detections_per_image == 7 and model.masks

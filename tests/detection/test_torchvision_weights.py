@@ -11,7 +11,6 @@ import functools
 import json
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +18,7 @@ import pytest
 
 import zoo
 from zoo.detection import boxes as box_ops
-from zoo.detection import rcnn
+from zoo.detection import roi_heads, rpn, two_stage
 from zoo.weights import torchvision as tv_weights
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
@@ -81,38 +80,48 @@ def test_vgg16_logits_match_torchvision_with_its_nchw_flatten_order():
 # ------------------------------------------------------------------------------ R-CNN
 
 @functools.lru_cache(maxsize=None)
-def rcnn_model(masks=True, **overrides):
+def rcnn_model(masks=True, rpn=(), roi_heads=()):
+  """zoo.load_checkpoint of the golden R-CNN; rpn, roi_heads: (field, value) pairs to change."""
   state, _ = golden("rcnn")
   if not masks:
     state = {k: v for k, v in state.items() if not k.startswith("roi_heads.mask_")}
-  return zoo.load_checkpoint(state, format="torchvision", **overrides)
-
-
-class _Heads(rcnn.RCNN):
-  """RCNN whose box or mask head runs alone on given features and boxes (flax creates a
-  method's inline submodules only under a compact method, hence this one)."""
-
-  @nn.compact
-  def __call__(self, features, rois, head):
-    return self._box_head(features, rois) if head == "box" else self._mask_head(features, rois)
+  return zoo.load_checkpoint(state, format="torchvision", rpn=dict(rpn), roi_heads=dict(roi_heads))
 
 
 def run_head(model, variables, head, rois):
-  """Our box or mask head on torchvision's FPN outputs P2..P5 (the heads' inputs)."""
+  """Our box or mask head on torchvision's FPN outputs P2..P5 (the heads' inputs): the RoI
+  pooler, then roi_heads/{box_head, box_predictor} or roi_heads/{mask_head, mask_predictor}."""
   _, arrays = golden("rcnn")
   features = [nhwc(arrays[f"out/P{i}"]) for i in range(2, 6)]
-  fields = {f: getattr(model, f) for f in rcnn.RCNN.__dataclass_fields__
-            if f not in ("parent", "name")}
-  heads = _Heads(**fields)
-  return jax.jit(lambda v, f, r: heads.apply(v, f, r, head))(variables, features, rois)
+  params = variables["params"]["roi_heads"]
+
+  def run(params, features, rois):
+    if head == "box":
+      x = roi_heads.BoxHead(model.representation_size).apply(
+          {"params": params["box_head"]}, model.pooler(features, rois, 7), train=False)
+      return roi_heads.BoxPredictor(model.num_classes).apply({"params": params["box_predictor"]}, x)
+    pooled = model.pooler(features, rois, roi_heads.MASK_POOL)
+    x = roi_heads.MaskHead(model.mask_channels).apply(
+        {"params": params["mask_head"]}, pooled.reshape((-1,) + pooled.shape[2:]))
+    x = roi_heads.MaskPredictor(model.mask_channels, model.num_classes).apply(
+        {"params": params["mask_predictor"]}, x)
+    return x.reshape(rois.shape[:2] + x.shape[1:])
+
+  return jax.jit(run)(params, features, rois)
 
 
 def test_rcnn_hyperparameters_come_from_the_checkpoint():
   model, variables = rcnn_model()
-  assert isinstance(model, rcnn.RCNN) and model.masks
-  assert (model.depth, model.width, model.fpn_channels, model.representation_size,
+  assert isinstance(model, two_stage.FasterRCNN) and model.masks
+  backbone = model.backbone
+  assert (backbone.depth, backbone.width, backbone.fpn_channels, model.representation_size,
           model.mask_channels, model.num_classes) == ("resnet50", 8, 32, 64, 16, 3)
-  assert (model.norm, model.roi_sampling_ratio, model.roi_aligned) == ("frozen", 2, False)
+  assert (backbone.norm, model.roi_heads.sampling_ratio, model.roi_heads.aligned) == (
+      "frozen", 2, False)
+  assert (model.pooler.sampling_ratio, model.pooler.aligned) == (2, False)
+  assert set(variables["params"]) == {"backbone", "rpn", "roi_heads"}
+  assert set(variables["params"]["roi_heads"]) == {"box_head", "box_predictor", "mask_head",
+                                                   "mask_predictor"}
   faster, _ = rcnn_model(masks=False)
   assert not faster.masks
   with pytest.raises(ValueError, match="conv5_mask"):  # mask tensors are not dropped silently
@@ -128,8 +137,8 @@ def test_rpn_proposals_match_torchvision():
   height, width = arrays["in/images"].shape[2:]
   for i in range(2):
     want = arrays[f"out/proposals_{i}"]
-    boxes, _, valid = jax.jit(lambda lg, dl: rcnn.select_proposals(
-        lg, dl, anchors, (height, width), pre_nms_top_n=10000, post_nms_top_n=4096,
+    boxes, _, valid = jax.jit(lambda lg, dl: rpn.select_proposals(
+        lg, dl, anchors, (height, width), pre_nms_topk=10000, post_nms_topk=4096,
         nms_threshold=0.7))([arrays[f"out/rpn_objectness_{l}"][i] for l in levels],
                             [arrays[f"out/rpn_deltas_{l}"][i] for l in levels])
     boxes = np.asarray(boxes)[np.asarray(valid)]
@@ -167,13 +176,14 @@ def test_whole_model_matches_torchvision():
   _, arrays = golden("rcnn")
   # Room for every proposal torchvision kept after NMS and for all their class boxes.
   proposals = max(len(arrays[f"out/proposals_{i}"]) for i in range(2))
-  model, variables = rcnn_model(rpn_pre_nms_top_n_test=10000, rpn_post_nms_top_n_test=proposals,
-                                detection_candidates=3 * proposals, detections_per_image=1000)
-  names = ("body", "fpn", "rpn_head")
+  model, variables = rcnn_model(
+      rpn=(("pre_nms_topk_test", 10000), ("post_nms_topk_test", proposals)),
+      roi_heads=(("detection_candidates", 3 * proposals), ("detections_per_image", 1000)))
+  paths = {"body": ("backbone", "body"), "fpn": ("backbone", "fpn"), "rpn_head": ("rpn", "head")}
   (detections, _), state = jax.jit(lambda v, x: model.apply(
-      v, x, train=False, capture_intermediates=lambda m, _: m.name in names,
+      v, x, train=False, capture_intermediates=lambda m, _: m.path in paths.values(),
       mutable=["intermediates"]))(variables, nhwc(arrays["in/images"]))
-  captured = {k: state["intermediates"][k]["__call__"][0] for k in names}
+  captured = {k: state["intermediates"][p[0]][p[1]]["__call__"][0] for k, p in paths.items()}
   for level in ("C2", "C3", "C4", "C5"):
     assert_close(captured["body"][level], nhwc(arrays[f"out/{level}"]), name=level)
   for level in ("P2", "P3", "P4", "P5", "P6"):
@@ -221,7 +231,8 @@ def test_full_size_torchvision_layouts_load(name):
   elif name == "vgg16":
     assert model.widths == (64, 128, 256, 512, 512) and model.fc_width == 4096
   else:
-    assert (model.num_classes, model.fpn_channels, model.representation_size) == (90, 256, 1024)
+    assert (model.num_classes, model.backbone.fpn_channels, model.representation_size) == (
+        90, 256, 1024)
     assert model.masks == (name == "maskrcnn_resnet50_fpn")
 
 

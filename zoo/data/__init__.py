@@ -24,7 +24,7 @@ EMBEDDED_DATASETS = ("digit_canvases",)
 
 
 def load_data_source(name: str, split: str, *, data_dir: str | None = None,
-                     proposals: str | None = None):
+                     proposals=None):
   """The random-access TFDS data source of `split` of dataset `name`.
 
   Args:
@@ -35,9 +35,12 @@ def load_data_source(name: str, split: str, *, data_dir: str | None = None,
       --file_format=array_record`): this function never downloads.
     split: a split name (`"train"`, `"validation"`, `"test"`) or a TFDS slice (`"train[:10%]"`).
     data_dir: the TFDS data dir; default `$TFDS_DATA_DIR` or `~/tensorflow_datasets`.
-    proposals: a file of precomputed region proposals to join to the examples
-      (`zoo.data.proposal_files`: .npz, detectron2 .pkl, Selective Search .mat); `{split}`
-      in it is replaced by the split's name. Each example then has `proposals`.
+    proposals: region proposals to join to the examples (each example then has
+      `proposals`): a file of precomputed ones (`zoo.data.proposal_files`: .npz, detectron2
+      .pkl, Selective Search .mat; `{split}` in it is replaced by the split's name), or a dict
+      (or ConfigDict) of `zoo.data.standin_proposals.split_proposals`' settings, e.g.
+      {"num_proposals": 128, "copies": 16, "max_objects": 4}: the embedded data's stand-ins,
+      generated from the ground truth and keyed by example id.
 
   Returns:
     A TFDS `ArrayRecordDataSource`: `len(source)` examples, `source[i]` a nested dict of
@@ -74,8 +77,14 @@ def load_data_source(name: str, split: str, *, data_dir: str | None = None,
   source = builder.as_data_source(split=split)
   if proposals:
     from zoo.data import proposal_files
-    path = proposals.replace("{split}", split)
-    source = proposal_files.ProposalSource(source, proposal_files.load_proposals(path), path)
+    if isinstance(proposals, str):
+      path = proposals.replace("{split}", split)
+      source = proposal_files.ProposalSource(source, proposal_files.load_proposals(path), path)
+    else:
+      from zoo.data import standin_proposals
+      source = proposal_files.ProposalSource(
+          source, standin_proposals.split_proposals(source, **dict(proposals)),
+          f"the stand-in proposals of {name} {split}")
   from zoo.data import segmentation_sources  # Real segmentation datasets in our layout.
   if dataset in segmentation_sources.DATASETS:
     return segmentation_sources.SegmentationSource(source, dataset)

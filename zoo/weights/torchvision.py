@@ -36,17 +36,17 @@ Models:
              convolutional map, not torchvision's resized classifier input. vgg16_bn is not
              supported (its BN tensors are reported as names the model lacks).
   fasterrcnn_resnet50_fpn, maskrcnn_resnet50_fpn
-             -> zoo.detection.rcnn.RCNN ("faster_rcnn_r50_fpn" / "mask_rcnn_r50_fpn") with
-             torchvision's RoI pooling: norm="frozen", roi_sampling_ratio=2, roi_aligned=False
-             (MultiScaleRoIAlign); num_classes = torchvision's num_classes - 1 (the zoo's count
-             excludes the background class, torchvision's includes it: 91 -> 90 for COCO); depth,
-             width, fpn_channels, representation_size, mask_channels from the shapes. Names:
-             backbone.body.* -> body, backbone.fpn.inner_blocks.{i}[.0] / layer_blocks.{i}[.0]
-             -> fpn/inner_blocks_i, layer_blocks_i, rpn.head.conv[.0.0] / cls_logits / bbox_pred
-             -> rpn_head, roi_heads.box_head.fc6 / fc7 -> fc6 / fc7,
-             roi_heads.box_predictor.cls_score / bbox_pred -> cls_score / bbox_pred,
-             roi_heads.mask_head.{i}.0 (torchvision >= 0.13) or .mask_fcn{i+1} -> mask_fcn{i+1},
-             roi_heads.mask_predictor.conv5_mask / mask_fcn_logits -> conv5_mask / mask_fcn_logits.
+             -> zoo.detection.two_stage.FasterRCNN ("faster_rcnn_r50_fpn" / "mask_rcnn_r50_fpn")
+             with torchvision's RoI pooling: norm="frozen", roi_heads sampling_ratio=2,
+             aligned=False (MultiScaleRoIAlign); num_classes = torchvision's num_classes - 1 (the
+             zoo's count excludes the background class, torchvision's includes it: 91 -> 90 for
+             COCO); depth, width, fpn_channels, representation_size, mask_channels from the
+             shapes. Names are torchvision's module paths with "/" for "." (backbone/body,
+             backbone/fpn, rpn/head, roi_heads/{box_head, box_predictor, mask_head,
+             mask_predictor}), list indices as flax's (inner_blocks.0 -> inner_blocks_0), and
+             torchvision >= 0.13's Conv2dNormActivation wrappers read as the plain convolutions
+             they were before (inner_blocks.{i}.0, rpn.head.conv.0.0, mask_head.{i}.0 ->
+             mask_fcn{i+1}).
              Known differences from torchvision that remain (they change no weights): the zoo's
              inference takes images whose sides are multiples of 32 and does not resize them
              (torchvision resizes to min_size 800 / max_size 1333 and pads); the zoo's P6
@@ -68,18 +68,20 @@ import numpy as np
 from zoo import registry
 from zoo.backbones.resnet import RESNET_BLOCKS, ResNet
 from zoo.backbones.vgg import STAGE_DEPTHS, VGG16
+from zoo.detection.roi_heads import ROIHeadsConfig
 from zoo.weights import _convert
 
 MODELS = ("resnet50", "vgg16", "fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn")
 _REGISTRY_NAMES = {"fasterrcnn_resnet50_fpn": "faster_rcnn_r50_fpn",
                    "maskrcnn_resnet50_fpn": "mask_rcnn_r50_fpn"}
 # torchvision's detection RoI heads: MultiScaleRoIAlign(sampling_ratio=2), aligned=False.
-RCNN_SETTINGS = dict(norm="frozen", roi_sampling_ratio=2, roi_aligned=False)
+TORCHVISION_ROI_HEADS = dict(sampling_ratio=2, aligned=False)
 _POOLED = 7  # the box head's RoI resolution (TwoMLPHead reads 256 * 7 * 7 features)
 
 _same = lambda a: a
 _hwio = lambda a: a.transpose(2, 3, 1, 0) if a.ndim == 4 else a          # OIHW -> HWIO
 _dense = lambda a: a.T if a.ndim == 2 else a                             # (out, in) -> (in, out)
+_kernel = lambda a: _hwio(_dense(a))                                     # a Conv2d's or a Linear's
 # ConvTranspose2d (I, O, kh, kw) -> flax ConvTranspose (kh, kw, I, O), spatially flipped.
 _transposed_conv = lambda a: a[:, :, ::-1, ::-1].transpose(2, 3, 0, 1) if a.ndim == 4 else a
 
@@ -243,6 +245,35 @@ def _load_vgg(state, **hyperparameters):
   return module, variables
 
 
+# torchvision >= 0.13 wraps the FPN's, the RPN head's and the mask head's convolutions in
+# Conv2dNormActivation (a Sequential, hence a ".0"); before, they were plain convolutions named
+# as our modules are. Older names are the zoo's; a list index ".i" is flax's "_i".
+_TORCHVISION_013 = ((re.compile(r"^(backbone\.fpn\.(?:inner|layer)_blocks\.\d)\.0\."), r"\1."),
+                    (re.compile(r"^rpn\.head\.conv\.0\.0\."), "rpn.head.conv."),
+                    (re.compile(r"^roi_heads\.mask_head\.(\d)\.0\."),
+                     lambda m: f"roi_heads.mask_head.mask_fcn{int(m.group(1)) + 1}."))
+_LIST_INDEX = re.compile(r"_blocks\.(\d)\.")
+
+
+def _rcnn_rename(name):
+  """A torchvision R-CNN name -> ((collection, *our path), convert): the same module path with
+  "/" for "." (module doc), the ResNet body through `_resnet_rename`."""
+  if name.startswith("backbone.body."):
+    return _resnet_rename(name.removeprefix("backbone.body."), ("backbone", "body"))
+  for pattern, replacement in _TORCHVISION_013:
+    name_013 = name
+    name = pattern.sub(replacement, name)
+    if name != name_013:
+      break
+  *path, leaf = _LIST_INDEX.sub(r"_blocks_\1.", name).split(".")
+  if leaf == "bias":
+    return ("params", *path, "bias"), _same
+  if leaf != "weight" or not path:
+    return ("torchvision", name), _same
+  convert = {"fc6": _box_fc6, "conv5_mask": _transposed_conv}.get(path[-1], _kernel)
+  return ("params", *path, "kernel"), convert
+
+
 def _load_rcnn(state, model, **hyperparameters):
   masks = model == "maskrcnn_resnet50_fpn"
   blocks = _block_counts(state, "backbone.body.")
@@ -258,46 +289,19 @@ def _load_rcnn(state, model, **hyperparameters):
   if masks:
     inferred["mask_channels"] = _shape(state, "roi_heads.mask_predictor.conv5_mask.weight", 1)
   inferred = {k: v for k, v in inferred.items() if v is not None}
-  module = registry.create(_REGISTRY_NAMES[model],
-                           **{**RCNN_SETTINGS, **inferred, **hyperparameters})
+  roi_heads = hyperparameters.pop("roi_heads", None)
+  if not isinstance(roi_heads, ROIHeadsConfig):   # torchvision's pooler unless told otherwise
+    roi_heads = {**TORCHVISION_ROI_HEADS, **dict(roi_heads or {})}
+  module = registry.create(_REGISTRY_NAMES[model], norm="frozen", roi_heads=roi_heads,
+                           **{**inferred, **hyperparameters})
   expected = _expected(module, 64)
-
-  def rename(name):
-    if name.startswith("backbone.body."):
-      return _resnet_rename(name.removeprefix("backbone.body."), ("body",))
-    *path, leaf = name.split(".")
-    if leaf not in ("weight", "bias"):
-      return ("torchvision", name), _same
-    key = "kernel" if leaf == "weight" else "bias"
-    layer, convert = None, _hwio
-    match = re.fullmatch(r"backbone\.fpn\.(inner|layer)_blocks\.(\d)(\.0)?", ".".join(path))
-    if match:
-      layer = ("fpn", f"{match.group(1)}_blocks_{match.group(2)}")
-    match = re.fullmatch(r"rpn\.head\.(conv(?:\.0\.0)?|cls_logits|bbox_pred)", ".".join(path))
-    if match:
-      layer = ("rpn_head", match.group(1).split(".")[0])
-    match = re.fullmatch(r"roi_heads\.box_(?:head|predictor)\.(fc6|fc7|cls_score|bbox_pred)",
-                         ".".join(path))
-    if match:
-      layer = (match.group(1),)
-      convert = _box_fc6 if match.group(1) == "fc6" else _dense
-    match = re.fullmatch(r"roi_heads\.mask_head\.(?:(\d)\.0|mask_fcn(\d))", ".".join(path))
-    if match:
-      k = int(match.group(1)) + 1 if match.group(1) else int(match.group(2))
-      layer = (f"mask_fcn{k}",)
-    match = re.fullmatch(r"roi_heads\.mask_predictor\.(conv5_mask|mask_fcn_logits)", ".".join(path))
-    if match:
-      layer = (match.group(1),)
-      convert = _transposed_conv if match.group(1) == "conv5_mask" else _hwio
-    if layer is None:
-      return ("torchvision", name), _same
-    return ("params", *layer, key), convert if key == "kernel" else _same
-
-  hints = {("params", "fc6", "kernel"): (
+  fc6, cls_score = ("params", "roi_heads", "box_head", "fc6"), ("params", "roi_heads",
+                                                                "box_predictor", "cls_score")
+  hints = {(*fc6, "kernel"): (
       f"torchvision's box head reads fpn_channels x {_POOLED} x {_POOLED} RoI features "
-      "(flattened NCHW) into representation_size units."),
-           ("params", "cls_score", "kernel"): (
-      "torchvision's num_classes counts the background; the zoo's does not (give it minus one).")}
-  hints[("params", "cls_score", "bias")] = hints[("params", "cls_score", "kernel")]
-  variables = _convert(state, rename, expected, f"torchvision ({model})", hints)
+      "(flattened NCHW) into representation_size units.")}
+  for leaf in ("kernel", "bias"):
+    hints[(*cls_score, leaf)] = ("torchvision's num_classes counts the background; the zoo's "
+                                 "does not (give it minus one).")
+  variables = _convert(state, _rcnn_rename, expected, f"torchvision ({model})", hints)
   return module, variables

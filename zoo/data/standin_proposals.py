@@ -1,4 +1,4 @@
-"""External proposals for Fast R-CNN on data that ships none: jittered ground truth + random boxes.
+"""Stand-in proposals for Fast R-CNN on data that ships none: jittered ground truth + random boxes.
 
 Fast R-CNN (Girshick 2015) takes its regions from outside the network, Selective Search's
 ~2,000 boxes per image, precomputed once and stored beside the dataset. The embedded digit
@@ -20,12 +20,21 @@ evaluation, as it would from a precomputed file. Generated from the ground truth
 better than Selective Search's (every object has `copies` boxes around it): an AP measured
 with them says how well the head classifies and refines given regions, not how well a full
 detector finds objects.
+
+They reach the model through the data, as a proposal file's would: `split_proposals` computes
+every example's boxes ({id: (P, 4)}, from the ground truth padded to `max_objects` slots, as
+the pipeline pads it), and `load_data_source(name, split, proposals={...})` with a dict of
+`split_proposals`' settings joins them to the source (`zoo.data.proposal_files.ProposalSource`,
+keyed by the example's `id`), so batches carry `proposals` and `proposals_valid`.
+`python -m experiments.make_proposals` writes the same boxes to files.
+
+    source = load_data_source("digit_canvases", "train",
+                              proposals=dict(num_proposals=128, copies=16, seed=0, max_objects=4))
 """
 
 import jax
 import jax.numpy as jnp
-
-from zoo.detection import boxes as box_ops
+import numpy as np
 
 
 def example_key(seed: int, example_id: jax.Array) -> jax.Array:
@@ -74,7 +83,8 @@ def jitter_boxes(key, boxes, copies: int, image_size, *, translate: float = 0.15
   cx, cy = cx + shift[0] * w, cy + shift[1] * h
   w, h = w * factor[0], h * factor[1]
   jittered = jnp.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
-  return box_ops.clip_boxes(jittered, *image_size)
+  height, width = image_size
+  return jnp.clip(jittered, 0.0, jnp.asarray([width, height, width, height], jittered.dtype))
 
 
 def jittered_proposals(key, gt_boxes, gt_valid, image_size, *, num_proposals: int, copies: int,
@@ -107,3 +117,46 @@ def jittered_proposals(key, gt_boxes, gt_valid, image_size, *, num_proposals: in
   near = jnp.where(jnp.repeat(gt_valid, copies)[:, None], jittered.reshape(g * copies, 4),
                    random[:g * copies])
   return jnp.concatenate([near, random[g * copies:]])
+
+
+def split_proposals(source, *, num_proposals: int, copies: int, max_objects: int, seed: int = 0,
+                    translate: float = 0.15, scale: float = 0.25, min_size: float = 4.0,
+                    batch_size: int = 256) -> dict:
+  """{example id: (P, 4) float32 pixels} for every example of `source` (module doc).
+
+  Args:
+    source: a random-access source whose examples have an `id` and `objects` (the embedded
+      digit canvases).
+    num_proposals: P per image.
+    copies: jittered copies per ground-truth box.
+    max_objects: the ground-truth slots the boxes are generated for, the pipeline's
+      max_objects (the random draws depend on it).
+    seed: the proposals' seed (`example_key`).
+    translate, scale, min_size: `jittered_proposals`'.
+    batch_size: examples generated per jitted call.
+
+  Raises:
+    ValueError for examples without an `id` (stand-ins are keyed by it).
+  """
+  from zoo.data import pipeline   # the pipeline's padding of the ground truth
+  if "id" not in source[0]:
+    raise ValueError("Stand-in proposals are keyed by the examples' `id`, which this dataset "
+                     "lacks; give it a proposal file instead (config.data.proposals=PATH).")
+  height, width = np.shape(source[0]["image"])[:2]
+
+  @jax.jit
+  def generate(ids, boxes, valid):
+    def one(example_id, gt_boxes, gt_valid):
+      return jittered_proposals(
+          example_key(seed, example_id), gt_boxes, gt_valid, (height, width),
+          num_proposals=num_proposals, copies=copies, translate=translate, scale=scale,
+          min_size=min_size)
+    return jax.vmap(one)(ids, boxes, valid)
+
+  out = {}
+  for batch in pipeline.eval_batches(source, global_batch_size=batch_size, max_objects=max_objects,
+                                     features=("boxes", "id"), process_index=0, process_count=1):
+    boxes = np.asarray(generate(batch["id"], batch["boxes"], batch["objects_valid"]))
+    for i in np.flatnonzero(batch["example_valid"]):
+      out[int(batch["id"][i])] = boxes[i]
+  return out
