@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from zoo.detection.rcnn import paste_masks
+from zoo.detection.roi_heads import paste_masks
 from zoo import visualization
 from zoo.metrics import coco
 from zoo.training.task import ConcatenatingEvaluator, Task, register_task
