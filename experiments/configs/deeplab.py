@@ -70,8 +70,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config = common.trainer_config(batch_size=16, total_steps=800, checkpoint_every=500,
                                  eval_every=0, keep_checkpoints=2)
   config.model = ml_collections.ConfigDict(dict(
-      name="deeplab_v3_resnet50", num_classes=num_classes, output_stride=8,
-      resnet_blocks=(1, 1, 1, 1), resnet_width=16, norm="batch", aspp_rates=(1, 2, 3),
+      name="deeplab_v3_r50", num_classes=num_classes, output_stride=8,
+      blocks=(1, 1, 1, 1), width=16, norm="batch", aspp_rates=(1, 2, 3),
       aspp_width=64, dropout_rate=0.1, crf=ml_collections.FieldReference(None, field_type=str),
       crf_iterations=10, crf_pos_w=3.0, crf_pos_xy_std=1.0, crf_bi_w=4.0, crf_bi_xy_std=8.0,
       crf_bi_rgb_std=20.0, crf_image_scale=255.0, crf_implementation="auto"))
@@ -79,20 +79,20 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                                                num_classes=num_classes))
   config.data = common.digit_canvases()
   config.optimizer = common.optimizer(name="adam", learning_rate=2e-3)
-  smoke_model = dict(resnet_width=2, aspp_width=4)  # what :smoke narrows
+  smoke_model = dict(width=2, aspp_width=4)  # what :smoke narrows
 
   if arg.largefov:
     config.model = ml_collections.ConfigDict(dict(
-        name="deeplab_largefov_vgg16", num_classes=num_classes, vgg_widths=(16, 32, 64, 96, 96),
+        name="deeplab_largefov_vgg16", num_classes=num_classes, widths=(16, 32, 64, 96, 96),
         fc_width=128, norm="batch", dropout_rate=0.1))
-    smoke_model = dict(vgg_widths=(2, 2, 4, 4, 4), fc_width=4)
+    smoke_model = dict(widths=(2, 2, 4, 4, 4), fc_width=4)
   if arg.v2:
     config.model = ml_collections.ConfigDict(dict(
-        name="deeplab_v2_resnet50", num_classes=num_classes, output_stride=8,
-        resnet_blocks=(1, 1, 1, 1), resnet_width=16, norm="batch"))
-    smoke_model = dict(resnet_width=2)
+        name="deeplab_v2_r50", num_classes=num_classes, output_stride=8,
+        blocks=(1, 1, 1, 1), width=16, norm="batch"))
+    smoke_model = dict(width=2)
   if arg.voc or arg.pet:
-    config.model.update(output_stride=16, resnet_blocks=(3, 4, 6, 3), resnet_width=64,
+    config.model.update(output_stride=16, blocks=(3, 4, 6, 3), width=64,
                         norm="frozen", aspp_width=256, dropout_rate=0.5, crf_iterations=10,
                         crf_bi_xy_std=67.0, crf_bi_rgb_std=3.0)
     config.optimizer = common.optimizer(name="momentum", learning_rate=0.01, momentum=0.9,

@@ -42,7 +42,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config = common.trainer_config(batch_size=16, total_steps=1200, checkpoint_every=500,
                                  eval_every=600, keep_checkpoints=2)
   config.model = ml_collections.ConfigDict(dict(
-      name="fcn8s_vgg16", num_classes=num_classes, widths=(16, 32, 64, 96, 96), fc_width=192,
+      name="fcn_8s_vgg16", num_classes=num_classes, widths=(16, 32, 64, 96, 96), fc_width=192,
       norm="batch", dropout_rate=0.1, pad100=False, learn_upsampling=False, skip_scaling=False))
   config.task = ml_collections.ConfigDict(dict(name="semantic_segmentation",
                                                num_classes=num_classes))
@@ -50,7 +50,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.optimizer = common.optimizer(name="adam", learning_rate=2e-3)
 
   if arg.fcn32s or arg.fcn16s:
-    config.model.name = "fcn32s_vgg16" if arg.fcn32s else "fcn16s_vgg16"
+    config.model.name = "fcn_32s_vgg16" if arg.fcn32s else "fcn_16s_vgg16"
   if arg.voc or arg.pet:
     config.model.update(widths=(64, 128, 256, 512, 512), fc_width=4096, norm="none",
                         dropout_rate=0.5, pad100=True, skip_scaling=True)

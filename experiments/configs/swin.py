@@ -38,7 +38,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                                  eval_every=1000)
   # Stage 2 is one window at every canvas size: window = res / patch 4 / 2 (8 at 64 pixels).
   config.model = ml_collections.ConfigDict(dict(
-      name="swin", img_size=arg.res, patch_size=4, in_chans=3, num_classes=num_classes,
+      name="swin", img_size=arg.res, patch_size=4, in_channels=3, num_classes=num_classes,
       embed_dim=48, depths=(2, 2), num_heads=(3, 6), window_size=arg.res // 8, mlp_ratio=4.0,
       qkv_bias=True, drop_path_rate=0.0, global_pool="max"))
   config.task = ml_collections.ConfigDict(dict(name="multi_label_classification",
@@ -49,7 +49,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
   if arg.segmentation:  # per-pixel digit classes with a light FPN head
     num_classes.set(11)
-    config.model.update(name="swin_segmenter", head_width=64)
+    config.model.update(name="semantic_fpn_swin", head_width=64)
     del config.model["global_pool"]  # no pooled head
     config.task.name = "semantic_segmentation"
     config.total_steps = 1500

@@ -23,7 +23,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config = common.trainer_config(batch_size=16, total_steps=2200, checkpoint_every=250,
                                  eval_every=1100)
   config.model = ml_collections.ConfigDict(dict(
-      name="unet", num_classes=num_classes, base_width=16, depth=3, padding="SAME", norm="batch",
+      name="unet", num_classes=num_classes, width=16, depth=3, padding="SAME", norm="batch",
       upsample="transpose"))
   config.task = ml_collections.ConfigDict(dict(name="semantic_segmentation",
                                                num_classes=num_classes))
@@ -31,8 +31,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.optimizer = common.optimizer(name="adam", learning_rate=3e-3)
 
   if arg.paper:
-    config.model.update(base_width=64, depth=4, padding="VALID", norm="none")
+    config.model.update(width=64, depth=4, padding="VALID", norm="none")
   if arg.smoke:
-    config.model.update(base_width=4, depth=2)
+    config.model.update(width=4, depth=2)
     common.smoke(config, total_steps=6, eval_every=4)
   return config

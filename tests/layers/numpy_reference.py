@@ -23,6 +23,23 @@ def conv2d(x, kernel, bias=None, padding="SAME"):
   return out if bias is None else out + bias
 
 
+def conv2d_strided(x, kernel, *, stride=1, dilation=1, pad=0):
+  """Cross-correlation with PyTorch's Conv2d arguments: out[i, j] = sum over taps (a, b) of
+  x_padded[stride i + dilation a, stride j + dilation b] @ kernel[a, b]; x (B, H, W, C)
+  padded by `pad` on every side, kernel (kh, kw, C, O) HWIO."""
+  kh, kw = kernel.shape[:2]
+  x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  height = (x.shape[1] - dilation * (kh - 1) - 1) // stride + 1
+  width = (x.shape[2] - dilation * (kw - 1) - 1) // stride + 1
+  out = np.zeros(x.shape[:1] + (height, width, kernel.shape[3]))
+  for a in range(kh):
+    for b in range(kw):
+      rows = slice(dilation * a, dilation * a + stride * (height - 1) + 1, stride)
+      cols = slice(dilation * b, dilation * b + stride * (width - 1) + 1, stride)
+      out += x[:, rows, cols] @ kernel[a, b]
+  return out
+
+
 def conv_transpose_flax(x, kernel, bias, stride=2):
   """nn.ConvTranspose(padding="VALID", transpose_kernel=False) by lax.conv_transpose's
   definition: dilate x by `stride`, pad k - 1 before and the rest of k + s - 2 + max(k - s, 0)

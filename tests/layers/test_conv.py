@@ -1,6 +1,8 @@
 """ConvNormAct against a float64 NumPy transcription (convolution as a sum over taps, batch
-norm from its definition), forward in train and eval mode, and gradients."""
+norm from its definition), forward in train and eval mode, and gradients; strides, dilations,
+explicit padding and frozen statistics; the parameter layouts that keep releases' names."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,3 +56,72 @@ def test_unknown_norm_raises():
   with pytest.raises(ValueError, match="norm must be one of"):
     jax.eval_shape(lambda x: ConvNormAct(4, norm="group").init(jax.random.key(0), x, train=False),
                    jnp.ones((1, 4, 4, 1)))
+
+
+@pytest.mark.parametrize("stride, dilation, pad", [(1, 1, 1), (2, 1, 1), (1, 2, 2), (2, 2, 0)])
+@pytest.mark.parametrize("train", [False, True])
+def test_strided_dilated_frozen_norm(stride, dilation, pad, train):
+  """ResNet's and DeepLab's use: stride, dilation, explicit padding, norm="frozen" (stored
+  statistics in training too, none updated), no activation."""
+  rng = np.random.default_rng()
+  x = jnp.asarray(rng.standard_normal((2, 9, 8, 3)), jnp.float32)
+  module = ConvNormAct(5, 3, stride=stride, dilation=dilation, padding=pad, norm="frozen",
+                       activation=None)
+  variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, train=False), x)
+  variables = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), jnp.float32), variables)
+  variables["batch_stats"]["norm"]["var"] = jnp.abs(variables["batch_stats"]["norm"]["var"]) + 0.5
+  y, updates = module.apply(variables, x, train=train, mutable=["batch_stats"])
+  p = jax.tree.map(np.float64, variables["params"])
+  s = jax.tree.map(np.float64, variables["batch_stats"])
+  conv = ref.conv2d_strided(np.float64(x), p["conv"]["kernel"], stride=stride, dilation=dilation,
+                            pad=pad)
+  expected, _ = ref.batch_norm(conv, p["norm"], s["norm"], train=False)
+  assert y.shape == expected.shape
+  np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+  jax.tree.map(np.testing.assert_array_equal, updates["batch_stats"], variables["batch_stats"])
+
+
+class _Parent(nn.Module):
+  """Holds a ConvNormAct in its own scope, as torchvision's ResNet blocks do."""
+  features: int
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    block = ConvNormAct(self.features, norm="frozen", conv_name="conv1", norm_name="bn1")
+    nn.share_scope(self, block)
+    return block(x, train=train)
+
+
+def _shapes(module):
+  variables = jax.eval_shape(
+      lambda: module.init(jax.random.key(0), jnp.ones((1, 6, 6, 2)), train=False))
+  return jax.tree.map(lambda a: a.shape, variables)
+
+
+def test_parameter_layouts():
+  """The layouts that keep the releases' names (module doc): default, renamed norm, the
+  convolution in the block itself (Caffe's layer), both in the parent (torchvision's ResNet)."""
+  kernel = (3, 3, 2, 4)
+  assert _shapes(ConvNormAct(4, norm="batch")) == {
+      "params": {"conv": {"kernel": kernel}, "norm": {"scale": (4,), "bias": (4,)}},
+      "batch_stats": {"norm": {"mean": (4,), "var": (4,)}}}
+  assert _shapes(ConvNormAct(4, norm="batch", norm_name="bn"))["params"] == {
+      "conv": {"kernel": kernel}, "bn": {"scale": (4,), "bias": (4,)}}
+  assert _shapes(ConvNormAct(4, conv_name=None))["params"] == {"kernel": kernel, "bias": (4,)}
+  assert _shapes(ConvNormAct(4, norm="batch", conv_name=None))["params"] == {
+      "kernel": kernel, "norm": {"scale": (4,), "bias": (4,)}}
+  assert _shapes(_Parent(4)) == {
+      "params": {"conv1": {"kernel": kernel}, "bn1": {"scale": (4,), "bias": (4,)}},
+      "batch_stats": {"bn1": {"mean": (4,), "var": (4,)}}}
+
+
+def test_initialisers():
+  """He et al.'s fan-in normal kernel by default (std sqrt(2 / (9 C_in))), a given kernel_init
+  and norm_scale_init otherwise."""
+  x = jnp.ones((1, 4, 4, 64))
+  params = ConvNormAct(256, norm="batch").init(jax.random.key(0), x, train=False)["params"]
+  assert abs(float(params["conv"]["kernel"].std()) / np.sqrt(2 / (9 * 64)) - 1) < 0.05
+  module = ConvNormAct(8, norm="batch", kernel_init=nn.initializers.zeros,
+                       norm_scale_init=nn.initializers.zeros)
+  params = module.init(jax.random.key(0), x, train=False)["params"]
+  assert not params["conv"]["kernel"].any() and not params["norm"]["scale"].any()

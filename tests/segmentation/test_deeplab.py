@@ -15,7 +15,7 @@ from zoo.segmentation.crf import DenseCRF
 from tests.backbones import caffe_reference as caffe
 from tests.layers import numpy_reference as ref
 
-TINY_RESNET = dict(resnet_blocks=(1, 1, 1, 1), resnet_width=2)
+TINY_RESNET = dict(blocks=(1, 1, 1, 1), width=2)
 
 
 def _abstract_init(model, shape):
@@ -60,11 +60,11 @@ def test_upsample_logits_is_align_corners_at_deeplab_sizes_and_geometric_elsewhe
 
 
 @pytest.mark.parametrize("name, overrides, stride", [
-    ("deeplab_largefov_vgg16", dict(vgg_widths=(2, 2, 2, 2, 2), fc_width=3), 8),
-    ("deeplab_v2_resnet50", TINY_RESNET, 8),
-    ("deeplab_v2_resnet50", dict(output_stride=16, **TINY_RESNET), 16),
-    ("deeplab_v3_resnet50", dict(aspp_width=4, **TINY_RESNET), 16),
-    ("deeplab_v3_resnet50", dict(output_stride=8, aspp_width=4, **TINY_RESNET), 8),
+    ("deeplab_largefov_vgg16", dict(widths=(2, 2, 2, 2, 2), fc_width=3), 8),
+    ("deeplab_v2_r50", TINY_RESNET, 8),
+    ("deeplab_v2_r50", dict(output_stride=16, **TINY_RESNET), 16),
+    ("deeplab_v3_r50", dict(aspp_width=4, **TINY_RESNET), 16),
+    ("deeplab_v3_r50", dict(output_stride=8, aspp_width=4, **TINY_RESNET), 8),
 ])
 def test_shapes(name, overrides, stride):
   model = zoo.create(name, num_classes=5, **overrides)
@@ -84,9 +84,18 @@ def test_parameter_counts():
   """DeepLab v3: torchvision 0.29.1's deeplabv3_resnet50(num_classes=21, aux_loss=False) has
   39,638,869 parameters; LargeFOV is the paper's "20.5M"; v2 = ResNet-50 backbone + 4 classifiers."""
   count = lambda name: _count(_abstract_init(zoo.create(name), (1, 33, 33, 3))["params"])
-  assert count("deeplab_v3_resnet50") == 39_638_869
+  assert count("deeplab_v3_r50") == 39_638_869
   assert count("deeplab_largefov_vgg16") == 20_505_429
-  assert count("deeplab_v2_resnet50") == 23_508_032 + 4 * (9 * 2048 * 21 + 21)
+  assert count("deeplab_v2_r50") == 23_508_032 + 4 * (9 * 2048 * 21 + 21)
+
+
+def test_old_name_is_an_alias():
+  """README's `deeplab_v3_resnet50` builds deeplab_v3_r50 (same hyper-parameters); only the
+  registered name is listed."""
+  old, new = (zoo.create(name, **TINY_RESNET) for name in ("deeplab_v3_resnet50", "deeplab_v3_r50"))
+  assert old == new
+  assert zoo.hyperparameters("deeplab_v3_resnet50") == zoo.hyperparameters("deeplab_v3_r50")
+  assert "deeplab_v3_r50" in zoo.list_models() and "deeplab_v3_resnet50" not in zoo.list_models()
 
 
 def test_aspp_v2_matches_numpy():
@@ -152,9 +161,9 @@ def test_crf_modes():
   rng = np.random.default_rng()
   images = jnp.float32(rng.random((2, 17, 17, 3)))
   crf = dict(crf_iterations=2, crf_bi_xy_std=5.0, crf_bi_rgb_std=20.0, crf_implementation="xla")
-  plain = zoo.create("deeplab_v2_resnet50", num_classes=3, **TINY_RESNET, **crf)
+  plain = zoo.create("deeplab_v2_r50", num_classes=3, **TINY_RESNET, **crf)
   variables = jax.jit(lambda x: plain.init(jax.random.key(0), x, train=False))(images)
-  post = zoo.create("deeplab_v2_resnet50", num_classes=3, crf="postprocess", **TINY_RESNET, **crf)
+  post = zoo.create("deeplab_v2_r50", num_classes=3, crf="postprocess", **TINY_RESNET, **crf)
   # The post-processing CRF adds no parameters: a trained plain model's variables serve.
   assert jax.tree.structure(jax.eval_shape(lambda x: post.init(jax.random.key(0), x, train=False), images)) \
       == jax.tree.structure(variables)
@@ -174,18 +183,18 @@ def test_crf_modes():
   np.testing.assert_allclose(evaluated, expected, rtol=1e-5, atol=1e-6)
   assert not np.allclose(evaluated, unary, atol=1e-3)
 
-  trainable = zoo.create("deeplab_v2_resnet50", num_classes=3, crf="trainable", **TINY_RESNET, **crf)
+  trainable = zoo.create("deeplab_v2_r50", num_classes=3, crf="trainable", **TINY_RESNET, **crf)
   params = jax.eval_shape(lambda x: trainable.init(jax.random.key(0), x, train=False), images)["params"]
   assert jax.tree.map(lambda a: a.shape, params["crf"]) == {"pos_w": (), "bi_w": (), "compatibility": (3, 3)}
 
 
 def test_bad_arguments_raise():
   with pytest.raises(ValueError, match="output_stride must be 8 or 16"):
-    zoo.create("deeplab_v3_resnet50", output_stride=32)
+    zoo.create("deeplab_v3_r50", output_stride=32)
   with pytest.raises(ValueError, match="crf must be one of"):
-    zoo.create("deeplab_v3_resnet50", crf="dense")
+    zoo.create("deeplab_v3_r50", crf="dense")
   with pytest.raises(ValueError, match="does not fit backbone"):
     deeplab_lib.DeepLab(num_classes=2, backbone="vgg16", head="aspp_v3", output_stride=8)
-  model = zoo.create("deeplab_v3_resnet50", **TINY_RESNET)
+  model = zoo.create("deeplab_v3_r50", **TINY_RESNET)
   with pytest.raises(ValueError, match=r"takes images \(B, H, W, C\)"):
     _abstract_init(model, (16, 16, 3))

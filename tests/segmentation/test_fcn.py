@@ -232,22 +232,22 @@ def test_registry_parameter_counts_and_errors():
   # VGG-16's convolutions (14,714,688) + fc6 (7*7*512*4096 + 4096) + fc7 (4096^2 + 4096)
   # + score_fr (4096*21 + 21); FCN-16s adds score_pool4 (512*21 + 21), FCN-8s score_pool3 (256*21 + 21).
   base = 14_714_688 + 7 * 7 * 512 * 4096 + 4096 + 4096 * 4096 + 4096 + 4096 * 21 + 21
-  for name, expected in (("fcn32s_vgg16", base), ("fcn16s_vgg16", base + 512 * 21 + 21),
-                         ("fcn8s_vgg16", base + 512 * 21 + 21 + 256 * 21 + 21)):
+  for name, expected in (("fcn_32s_vgg16", base), ("fcn_16s_vgg16", base + 512 * 21 + 21),
+                         ("fcn_8s_vgg16", base + 512 * 21 + 21 + 256 * 21 + 21)):
     params = _abstract_init(zoo.create(name), (1, 64, 64, 3))["params"]
     assert sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params)) == expected
   assert base == 134_346_581
   with pytest.raises(ValueError, match="variant must be one of"):
     FCN(num_classes=2, variant="4s")
   with pytest.raises(ValueError, match="has no hyper-parameter 'pad'"):
-    zoo.create("fcn8s_vgg16", pad=100)
-  model = zoo.create("fcn8s_vgg16", num_classes=2, **TINY)
+    zoo.create("fcn_8s_vgg16", pad=100)
+  model = zoo.create("fcn_8s_vgg16", num_classes=2, **TINY)
   with pytest.raises(ValueError, match=r"FCN takes images \(B, H, W, C\)"):
     jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((8, 8, 3)), train=False))
 
 
 def test_training_mode_uses_dropout_and_batch_norm():
-  model = zoo.create("fcn8s_vgg16", num_classes=3, norm="batch", **TINY)
+  model = zoo.create("fcn_8s_vgg16", num_classes=3, norm="batch", **TINY)
   images = jnp.asarray(np.random.default_rng().standard_normal((2, 16, 16, 3)), jnp.float32)
   variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images)
   (logits, _), updates = jax.jit(lambda v, x: model.apply(

@@ -40,7 +40,7 @@ def _num_params(tree):
                                                       ("VALID", 44, 4), ("VALID", 60, 20)])
 @pytest.mark.parametrize("upsample", ["transpose", "bilinear"])
 def test_output_and_aux_shapes(padding, size, expected, upsample):
-  model = UNet(num_classes=5, in_channels=2, base_width=4, depth=2, padding=padding,
+  model = UNet(num_classes=5, in_channels=2, width=4, depth=2, padding=padding,
                upsample=upsample)
   assert model.output_size(size) == expected
   images = jnp.zeros((3, size, size + 2**2 * (padding == "SAME"), 2))
@@ -98,14 +98,14 @@ def test_valid_input_sizes():
     ((1, 10, 10, 3), r"cannot take 10x10 inputs: working sizes near it are 92 \("),
 ])
 def test_bad_valid_sizes_name_working_sizes(shape, message):
-  model = UNet(num_classes=2, base_width=2, depth=3)
+  model = UNet(num_classes=2, width=2, depth=3)
   variables = _abstract_init(model, (1, 92, 92, 3))
   with pytest.raises(ValueError, match=message):
     jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, jnp.zeros(shape))
 
 
 def test_bad_same_size_and_bad_shapes_raise_clear_errors_also_under_jit():
-  model = zoo.create("unet", num_classes=11, padding="SAME", base_width=4, depth=3)
+  model = zoo.create("unet", num_classes=11, padding="SAME", width=4, depth=3)
   variables = _random_variables(model, (1, 16, 16, 3), np.random.default_rng())
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
   with pytest.raises(ValueError, match=r"cannot take 20x16 inputs: height 20 does not work "
@@ -128,9 +128,9 @@ def test_bad_hyperparameters_raise():
 
 def test_registry_defaults_are_the_paper():
   model = zoo.create("unet")
-  assert (model.num_classes, model.base_width, model.depth, model.padding, model.norm,
+  assert (model.num_classes, model.width, model.depth, model.padding, model.norm,
           model.upsample) == (2, 64, 4, "VALID", "none", "transpose")
-  assert zoo.hyperparameters("unet") == ["num_classes", "in_channels", "base_width", "depth",
+  assert zoo.hyperparameters("unet") == ["num_classes", "in_channels", "width", "depth",
                                          "padding", "norm", "upsample", "dtype", "param_dtype"]
 
 
@@ -141,7 +141,7 @@ def test_registry_defaults_are_the_paper():
 ])
 def test_forward_and_gradients_match_numpy(padding, norm, upsample, train, size):
   rng = np.random.default_rng()
-  model = UNet(num_classes=3, in_channels=2, base_width=2, depth=2, padding=padding, norm=norm,
+  model = UNet(num_classes=3, in_channels=2, width=2, depth=2, padding=padding, norm=norm,
                upsample=upsample)
   images = jnp.asarray(rng.standard_normal((2, size, size, 2)), jnp.float32)
   variables = _random_variables(model, images.shape, rng)
@@ -167,7 +167,7 @@ def test_forward_and_gradients_match_numpy(padding, norm, upsample, train, size)
 
 
 def test_batch_norm_training_updates_batch_stats_and_eval_uses_them():
-  model = zoo.create("unet", num_classes=4, padding="SAME", base_width=4, depth=2, norm="batch")
+  model = zoo.create("unet", num_classes=4, padding="SAME", width=4, depth=2, norm="batch")
   images = jnp.asarray(np.random.default_rng().standard_normal((2, 8, 8, 3)), jnp.float32)
   variables = _random_variables(model, images.shape, np.random.default_rng())
   (_, _), updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
@@ -181,7 +181,7 @@ def test_batch_norm_training_updates_batch_stats_and_eval_uses_them():
 
 
 def test_compute_dtype_bfloat16_keeps_float32_params_and_logits():
-  model = zoo.create("unet", num_classes=3, padding="SAME", base_width=4, depth=2, dtype="bfloat16")
+  model = zoo.create("unet", num_classes=3, padding="SAME", width=4, depth=2, dtype="bfloat16")
   images = jnp.ones((1, 8, 8, 3))
   variables = _random_variables(model, images.shape, np.random.default_rng())
   assert {a.dtype for a in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
@@ -190,7 +190,7 @@ def test_compute_dtype_bfloat16_keeps_float32_params_and_logits():
 
 
 def test_create_builds_the_config_model_and_it_jits():
-  model = zoo.create("unet", num_classes=11, padding="SAME", base_width=16, depth=3, norm="batch")
+  model = zoo.create("unet", num_classes=11, padding="SAME", width=16, depth=3, norm="batch")
   images = jnp.asarray(np.random.default_rng().standard_normal((2, 16, 16, 3)), jnp.float32)
   variables = _random_variables(model, images.shape, np.random.default_rng())
   logits, aux = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)

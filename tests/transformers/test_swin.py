@@ -153,7 +153,7 @@ def test_bad_inputs_name_the_problem(shape, kwargs, message):
 
 
 def test_segmenter_gives_input_sized_logits_from_every_stage():
-  model = zoo.create("swin_segmenter", num_classes=11, img_size=32, patch_size=2, embed_dim=12,
+  model = zoo.create("semantic_fpn_swin", num_classes=11, img_size=32, patch_size=2, embed_dim=12,
                      depths=(2, 2), num_heads=(3, 3), window_size=4, head_width=8)
   images = jnp.zeros((2, 32, 32, 3))
   variables = model.init(jax.random.key(0), images, train=False)

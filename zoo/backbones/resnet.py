@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from zoo.layers.conv import ConvNormAct
+
 RESNET_BLOCKS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3), "resnet152": (3, 8, 36, 3)}
 NORMS = ("batch", "frozen")
 EXPANSION = 4
@@ -43,72 +45,40 @@ def _kaiming_fan_out():
   return nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def _batch_norm(fixed: bool, train: bool, name: str, zero_scale: bool = False, **kw):
-  """BatchNorm with PyTorch's defaults (momentum 0.1 = 0.9 here, epsilon 1e-5), parameters
-  `scale`/`bias` and statistics `mean`/`var` (torchvision's weight/bias/running_*); the
-  statistics are used, not updated, when `fixed` (frozen BN) or when not training."""
-  return nn.BatchNorm(use_running_average=fixed or not train, momentum=0.9, epsilon=1e-5,
-                      scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
-                      name=name, **kw)
-
-
-def _conv(x, features, kernel_size, *, stride=1, dilation=1, name, module, param_dtype, dtype):
-  """A bias-free convolution with torchvision's padding dilation * (k - 1) // 2."""
-  pad = dilation * (kernel_size - 1) // 2
-  kernel = module.param(name, _kaiming_fan_out(), (kernel_size, kernel_size, x.shape[-1], features),
-                        param_dtype)
-  return lax.conv_general_dilated(x, kernel.astype(dtype), (stride, stride), ((pad, pad), (pad, pad)),
-                                  rhs_dilation=(dilation, dilation),
-                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-class Conv(nn.Module):
-  """torchvision's nn.Conv2d(bias=False): parameter `kernel` (k, k, C_in, features) HWIO."""
-  features: int
-  kernel_size: int
-  stride: int = 1
-  dilation: int = 1
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    return _conv(x.astype(self.dtype), self.features, self.kernel_size, stride=self.stride,
-                 dilation=self.dilation, name="kernel", module=self, param_dtype=self.param_dtype,
-                 dtype=self.dtype)
-
-
-class Downsample(nn.Module):
-  """torchvision's `downsample` Sequential: "0" a strided 1x1 convolution, "1" its BatchNorm."""
-  features: int
-  stride: int
-  fixed_norm: bool
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, *, train: bool):
-    x = Conv(self.features, 1, self.stride, dtype=self.dtype, param_dtype=self.param_dtype, name="0")(x)
-    return _batch_norm(self.fixed_norm, train, "1", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+def _conv_bn(parent: nn.Module, features: int, kernel_size: int, *, stride: int = 1,
+            dilation: int = 1, index: str = "1", norm: str, activation=nn.relu,
+            zero_scale: bool = False, dtype: Any, param_dtype: Any) -> ConvNormAct:
+  """torchvision's bias-free `conv{index}` (padding dilation * (k - 1) // 2) and its
+  BatchNorm `bn{index}` (norm "batch" or "frozen"), then `activation`, named side by side in
+  `parent`'s scope as torchvision names them (call it inside parent's compact method)."""
+  block = ConvNormAct(features, kernel_size, stride=stride, dilation=dilation,
+                      padding=dilation * (kernel_size - 1) // 2, norm=norm, activation=activation,
+                      kernel_init=_kaiming_fan_out(),
+                      norm_scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
+                      conv_name=f"conv{index}", norm_name=f"bn{index}", dtype=dtype,
+                      param_dtype=param_dtype)
+  nn.share_scope(parent, block)
+  return block
 
 
 class Bottleneck(nn.Module):
   """1x1 (width) -> 3x3 (width, stride, dilation) -> 1x1 (4 width), each with BN; the shortcut
-  is the identity or `downsample`; ReLU after the sum. torchvision's Bottleneck (v1.5).
+  is the identity or `downsample` (torchvision's Sequential: "0" a strided 1x1 convolution,
+  "1" its BN); ReLU after the sum. torchvision's Bottleneck (v1.5).
 
   Attributes:
     width: the 3x3 convolution's channels (64, 128, 256, 512 in ResNet-50's layers).
     stride: of conv2 and the shortcut.
     dilation: of conv2 (padding = dilation).
     downsample: whether the shortcut is a projection.
-    fixed_norm: BN statistics fixed in training too.
+    norm: "batch" or "frozen" (statistics fixed in training too).
     zero_init_residual: bn3's scale starts at 0 (torchvision's option; off by default).
   """
   width: int
   stride: int = 1
   dilation: int = 1
   downsample: bool = False
-  fixed_norm: bool = False
+  norm: str = "batch"
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -116,17 +86,17 @@ class Bottleneck(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     """x: (B, H, W, C) -> (B, H / stride, W / stride, 4 width)."""
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = lambda name, zero=False: _batch_norm(self.fixed_norm, train, name, zero, **kw)
-    y = nn.relu(norm("bn1")(Conv(self.width, 1, name="conv1", **kw)(x)))
-    y = Conv(self.width, 3, self.stride, self.dilation, name="conv2", **kw)(y)
-    y = nn.relu(norm("bn2")(y))
-    y = Conv(self.width * EXPANSION, 1, name="conv3", **kw)(y)
-    y = norm("bn3", self.zero_init_residual)(y)
+    kw = dict(norm=self.norm, dtype=self.dtype, param_dtype=self.param_dtype)
+    y = _conv_bn(self, self.width, 1, index="1", **kw)(x, train=train)
+    y = _conv_bn(self, self.width, 3, stride=self.stride, dilation=self.dilation, index="2",
+                **kw)(y, train=train)
+    y = _conv_bn(self, self.width * EXPANSION, 1, index="3", activation=None,
+                zero_scale=self.zero_init_residual, **kw)(y, train=train)
     shortcut = x
     if self.downsample:
-      shortcut = Downsample(self.width * EXPANSION, self.stride, self.fixed_norm, name="downsample",
-                            **kw)(x, train=train)
+      shortcut = ConvNormAct(self.width * EXPANSION, 1, stride=self.stride, padding=0,
+                             activation=None, kernel_init=_kaiming_fan_out(), conv_name="0",
+                             norm_name="1", name="downsample", **kw)(x, train=train)
     return nn.relu(y + shortcut)
 
 
@@ -136,7 +106,7 @@ class Layer(nn.Module):
   Attributes:
     width: bottleneck width; blocks: number of bottlenecks; stride: of the first block
     (1 when dilated); dilation: of blocks 1..; first_dilation: of block 0's 3x3;
-    downsample: whether block 0 projects its shortcut.
+    downsample: whether block 0 projects its shortcut; norm: "batch" or "frozen".
   """
   width: int
   blocks: int
@@ -144,7 +114,7 @@ class Layer(nn.Module):
   dilation: int
   first_dilation: int
   downsample: bool
-  fixed_norm: bool
+  norm: str
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -155,7 +125,7 @@ class Layer(nn.Module):
       first = index == 0
       x = Bottleneck(self.width, self.stride if first else 1,
                      self.first_dilation if first else self.dilation, first and self.downsample,
-                     self.fixed_norm, self.zero_init_residual, self.dtype, self.param_dtype,
+                     self.norm, self.zero_init_residual, self.dtype, self.param_dtype,
                      name=str(index))(x, train=train)
     return x
 
@@ -223,9 +193,8 @@ class ResNet(nn.Module):
     if images.ndim != 4:
       raise ValueError(f"ResNet takes images (B, H, W, C) (NHWC), got shape {images.shape}.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    frozen = lambda stage: self.norm == "frozen" or stage <= self.frozen_stages
-    x = Conv(self.width, 7, 2, name="conv1", **kw)(images.astype(self.dtype))
-    x = nn.relu(_batch_norm(frozen(0), train, "bn1", **kw)(x))
+    norm = lambda stage: "frozen" if self.norm == "frozen" or stage <= self.frozen_stages else "batch"
+    x = _conv_bn(self, self.width, 7, stride=2, norm=norm(0), **kw)(images, train=train)
     x = lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
                           ((0, 0), (1, 1), (1, 1), (0, 0)))
     if self.frozen_stages == 0:
@@ -239,7 +208,7 @@ class ResNet(nn.Module):
       if stage >= 2 and 2**(stage + 1) > self.output_stride:  # This layer's stride -> dilation.
         dilation, stride = dilation * stride, 1
       downsample = stride != 1 or channels != width * EXPANSION
-      x = Layer(width, blocks, stride, dilation, previous_dilation, downsample, frozen(stage),
+      x = Layer(width, blocks, stride, dilation, previous_dilation, downsample, norm(stage),
                 self.zero_init_residual, name=f"layer{stage}", **kw)(x, train=train)
       if stage == self.frozen_stages:
         x = jax.lax.stop_gradient(x)

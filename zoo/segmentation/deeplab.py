@@ -27,7 +27,7 @@ CRF-as-RNN layer (`zoo.segmentation.crf.DenseCRF`) in training and evaluation, l
 kernel weights and compatibility matrix end to end. With a CRF the model outputs log Q
 (log-probabilities, which are valid logits: see crf.py).
 
-    model = zoo.create("deeplab_v3_resnet50", num_classes=21, output_stride=16)
+    model = zoo.create("deeplab_v3_r50", num_classes=21, output_stride=16)
     logits, aux = model.apply(variables, images, train=False)   # (B, H, W, 21)
 """
 
@@ -39,6 +39,7 @@ import numpy as np
 
 from zoo.backbones.resnet import RESNET_BLOCKS, ResNet
 from zoo.backbones.vgg import VGG16, VGG16_WIDTHS
+from zoo.layers.conv import ConvNormAct
 from zoo.registry import register_model
 from zoo.segmentation.crf import DenseCRF
 
@@ -76,23 +77,6 @@ def upsample_logits(x, stride: int, size: tuple[int, int]):
   return jnp.einsum("Hh,bhwc,Ww->bHWc", rows, x.astype(jnp.float32), cols)
 
 
-class ConvBNReLU(nn.Module):
-  """Bias-free k x k convolution (dilated, "same" padded), BatchNorm, ReLU."""
-  features: int
-  kernel_size: int = 1
-  dilation: int = 1
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, *, train: bool):
-    x = nn.Conv(self.features, (self.kernel_size,) * 2, kernel_dilation=self.dilation, padding="SAME",
-                use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name="bn")(x)
-    return nn.relu(x)
-
-
 class ASPPv2(nn.Module):
   """DeepLab v2's ASPP: sum over rates r of a 3x3 classifier dilated by r (with bias).
   Initialised N(0, 0.01^2) as the release."""
@@ -119,19 +103,25 @@ class ASPPv3(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  def _conv_bn_relu(self, kernel_size, name, dilation=1):
+    # Bias-free, "same" padded, BatchNorm `bn`, ReLU; flax's default (LeCun normal) init.
+    return ConvNormAct(self.width, kernel_size, dilation=dilation, norm="batch",
+                       kernel_init=nn.initializers.lecun_normal(), norm_name="bn",
+                       dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
   @nn.compact
   def __call__(self, x, *, train: bool):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    branches = [ConvBNReLU(self.width, 1, name="branch0", **kw)(x, train=train)]
+    branches = [self._conv_bn_relu(1, "branch0")(x, train=train)]
     for i, rate in enumerate(self.rates, start=1):
-      branches.append(ConvBNReLU(self.width, 3, rate, name=f"branch{i}", **kw)(x, train=train))
+      branches.append(self._conv_bn_relu(3, f"branch{i}", rate)(x, train=train))
     pooled = x.mean(axis=(1, 2), keepdims=True)
-    pooled = ConvBNReLU(self.width, 1, name="image_pooling", **kw)(pooled, train=train)
+    pooled = self._conv_bn_relu(1, "image_pooling")(pooled, train=train)
     branches.append(jnp.broadcast_to(pooled, branches[0].shape))
-    y = ConvBNReLU(self.width, 1, name="project", **kw)(jnp.concatenate(branches, -1), train=train)
+    y = self._conv_bn_relu(1, "project")(jnp.concatenate(branches, -1), train=train)
     y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
-    y = ConvBNReLU(self.width, 3, name="head", **kw)(y, train=train)
-    return nn.Conv(self.num_classes, (1, 1), name="classifier", **kw)(y)
+    y = self._conv_bn_relu(3, "head")(y, train=train)
+    return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype,
+                   name="classifier")(y)
 
 
 class DeepLab(nn.Module):
@@ -142,8 +132,8 @@ class DeepLab(nn.Module):
     backbone: "vgg16" (with head "largefov") or "resnet" (heads "aspp_v2", "aspp_v3").
     head: "largefov", "aspp_v2" or "aspp_v3".
     output_stride: 8 or 16 (ResNet); LargeFOV is 8.
-    vgg_widths, fc_width: VGG-16's stage widths and fc6/fc7 width (LargeFOV: 1024).
-    resnet_blocks, resnet_width: the ResNet's blocks per layer and stem width.
+    widths, fc_width: VGG-16's stage widths and fc6/fc7 width (LargeFOV: 1024).
+    blocks, width: the ResNet's bottlenecks per layer and stem width.
     norm: VGG: "none" or "batch"; ResNet: "batch" or "frozen" (DeepLab v2 froze its BN).
     aspp_rates: the dilation rates at output stride 16 for v3 (doubled at 8), as given for v2.
     aspp_width: v3's ASPP channels.
@@ -155,10 +145,10 @@ class DeepLab(nn.Module):
   backbone: str = "resnet"
   head: str = "aspp_v3"
   output_stride: int = 16
-  vgg_widths: tuple[int, ...] = VGG16_WIDTHS
+  widths: tuple[int, ...] = VGG16_WIDTHS
   fc_width: int = 1024
-  resnet_blocks: tuple[int, ...] = RESNET_BLOCKS["resnet50"]
-  resnet_width: int = 64
+  blocks: tuple[int, ...] = RESNET_BLOCKS["resnet50"]
+  width: int = 64
   norm: str = "batch"
   aspp_rates: tuple[int, ...] = (6, 12, 18)
   aspp_width: int = 256
@@ -209,12 +199,12 @@ class DeepLab(nn.Module):
       raise ValueError(f"DeepLab takes images (B, H, W, C) (NHWC), got shape {images.shape}.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if self.backbone == "vgg16":
-      features = VGG16(self.vgg_widths, self.fc_width, fc6_kernel=3, fc6_dilation=12,
+      features = VGG16(self.widths, self.fc_width, fc6_kernel=3, fc6_dilation=12,
                        num_classes=self.num_classes, dilated=True, norm=self.norm,
                        dropout_rate=self.dropout_rate, name="backbone", **kw)(images, train=train)
       scores = features["fc8"]
     else:
-      features = ResNet(self.resnet_blocks, self.resnet_width, self.output_stride, self.norm,
+      features = ResNet(self.blocks, self.width, self.output_stride, self.norm,
                         name="backbone", **kw)(images, train=train)
       if self.head == "aspp_v2":
         scores = ASPPv2(self.num_classes, tuple(self.aspp_rates), name="aspp", **kw)(
@@ -243,7 +233,7 @@ def _crf_fields(crf, crf_iterations, crf_pos_w, crf_pos_xy_std, crf_bi_w, crf_bi
 
 @register_model("deeplab_largefov_vgg16")
 def deeplab_largefov_vgg16(
-    num_classes: int = 21, vgg_widths: tuple[int, ...] = VGG16_WIDTHS, fc_width: int = 1024,
+    num_classes: int = 21, widths: tuple[int, ...] = VGG16_WIDTHS, fc_width: int = 1024,
     norm: str = "none", dropout_rate: float = 0.5, crf: str | None = None, crf_iterations: int = 10,
     crf_pos_w: float = 3.0, crf_pos_xy_std: float = 3.0, crf_bi_w: float = 5.0,
     crf_bi_xy_std: float = 50.0, crf_bi_rgb_std: float = 3.0, crf_image_scale: float = 255.0,
@@ -251,17 +241,16 @@ def deeplab_largefov_vgg16(
   """DeepLab v1 LargeFOV (VGG-16, output stride 8); CRF defaults: the v1 paper's VOC values
   (w1 5, sigma_alpha 50, sigma_beta 3, w2 3, sigma_gamma 3)."""
   return DeepLab(num_classes=num_classes, backbone="vgg16", head="largefov", output_stride=8,
-                 vgg_widths=tuple(vgg_widths), fc_width=fc_width, norm=norm,
-                 dropout_rate=dropout_rate,
+                 widths=tuple(widths), fc_width=fc_width, norm=norm, dropout_rate=dropout_rate,
                  **_crf_fields(crf, crf_iterations, crf_pos_w, crf_pos_xy_std, crf_bi_w,
                                crf_bi_xy_std, crf_bi_rgb_std, crf_image_scale, crf_implementation),
                  dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype))
 
 
-@register_model("deeplab_v2_resnet50")
-def deeplab_v2_resnet50(
-    num_classes: int = 21, output_stride: int = 8, resnet_blocks: tuple[int, ...] = (3, 4, 6, 3),
-    resnet_width: int = 64, norm: str = "batch", aspp_rates: tuple[int, ...] = (6, 12, 18, 24),
+@register_model("deeplab_v2_r50")
+def deeplab_v2_r50(
+    num_classes: int = 21, output_stride: int = 8, blocks: tuple[int, ...] = (3, 4, 6, 3),
+    width: int = 64, norm: str = "batch", aspp_rates: tuple[int, ...] = (6, 12, 18, 24),
     crf: str | None = None, crf_iterations: int = 10, crf_pos_w: float = 3.0,
     crf_pos_xy_std: float = 1.0, crf_bi_w: float = 4.0, crf_bi_xy_std: float = 67.0,
     crf_bi_rgb_std: float = 3.0, crf_image_scale: float = 255.0, crf_implementation: str = "auto",
@@ -269,17 +258,18 @@ def deeplab_v2_resnet50(
   """DeepLab v2 (ResNet-50, ASPP of four dilated classifiers, output stride 8); CRF defaults:
   DeepLab v2's (w1 4, sigma_alpha 67, sigma_beta 3, w2 3, sigma_gamma 1)."""
   return DeepLab(num_classes=num_classes, backbone="resnet", head="aspp_v2",
-                 output_stride=output_stride, resnet_blocks=tuple(resnet_blocks),
-                 resnet_width=resnet_width, norm=norm, aspp_rates=tuple(aspp_rates),
+                 output_stride=output_stride, blocks=tuple(blocks), width=width, norm=norm,
+                 aspp_rates=tuple(aspp_rates),
                  **_crf_fields(crf, crf_iterations, crf_pos_w, crf_pos_xy_std, crf_bi_w,
                                crf_bi_xy_std, crf_bi_rgb_std, crf_image_scale, crf_implementation),
                  dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype))
 
 
-@register_model("deeplab_v3_resnet50")
-def deeplab_v3_resnet50(
-    num_classes: int = 21, output_stride: int = 16, resnet_blocks: tuple[int, ...] = (3, 4, 6, 3),
-    resnet_width: int = 64, norm: str = "batch", aspp_rates: tuple[int, ...] = (6, 12, 18),
+# The alias keeps README's `zoo.create("deeplab_v3_resnet50", crf=...)` working.
+@register_model("deeplab_v3_r50", aliases=("deeplab_v3_resnet50",))
+def deeplab_v3_r50(
+    num_classes: int = 21, output_stride: int = 16, blocks: tuple[int, ...] = (3, 4, 6, 3),
+    width: int = 64, norm: str = "batch", aspp_rates: tuple[int, ...] = (6, 12, 18),
     aspp_width: int = 256, dropout_rate: float = 0.5, crf: str | None = None,
     crf_iterations: int = 10, crf_pos_w: float = 3.0, crf_pos_xy_std: float = 1.0,
     crf_bi_w: float = 4.0, crf_bi_xy_std: float = 67.0, crf_bi_rgb_std: float = 3.0,
@@ -287,9 +277,8 @@ def deeplab_v3_resnet50(
     param_dtype: Any = "float32") -> DeepLab:
   """DeepLab v3 (ResNet-50, ASPP with image pooling, output stride 16 or 8)."""
   return DeepLab(num_classes=num_classes, backbone="resnet", head="aspp_v3",
-                 output_stride=output_stride, resnet_blocks=tuple(resnet_blocks),
-                 resnet_width=resnet_width, norm=norm, aspp_rates=tuple(aspp_rates),
-                 aspp_width=aspp_width, dropout_rate=dropout_rate,
+                 output_stride=output_stride, blocks=tuple(blocks), width=width, norm=norm,
+                 aspp_rates=tuple(aspp_rates), aspp_width=aspp_width, dropout_rate=dropout_rate,
                  **_crf_fields(crf, crf_iterations, crf_pos_w, crf_pos_xy_std, crf_bi_w,
                                crf_bi_xy_std, crf_bi_rgb_std, crf_image_scale, crf_implementation),
                  dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype))

@@ -35,7 +35,7 @@ o sits on the finer grid's cell o - f / 2: the crop offsets are f / 2 (16 for 32
 (B, H, W, num_classes), aligned with the input pixel for pixel (tests/segmentation/test_fcn.py
 checks both with impulses through an identity path).
 
-    model = zoo.create("fcn8s_vgg16", num_classes=21)
+    model = zoo.create("fcn_8s_vgg16", num_classes=21)
     logits, aux = model.apply(variables, images, train=False)   # (B, H, W, 21)
 """
 
@@ -226,8 +226,8 @@ def _fcn(variant, num_classes, widths, fc_width, norm, dropout_rate, pad100, lea
              skip_scaling=skip_scaling, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype))
 
 
-@register_model("fcn32s_vgg16")
-def fcn32s_vgg16(num_classes: int = 21, widths: tuple[int, ...] = VGG16_WIDTHS, fc_width: int = 4096,
+@register_model("fcn_32s_vgg16")
+def fcn_32s_vgg16(num_classes: int = 21, widths: tuple[int, ...] = VGG16_WIDTHS, fc_width: int = 4096,
                  norm: str = "none", dropout_rate: float = 0.5, pad100: bool = False,
                  learn_upsampling: bool = False, skip_scaling: bool = True,
                  dtype: Any = "float32", param_dtype: Any = "float32") -> FCN:
@@ -236,8 +236,8 @@ def fcn32s_vgg16(num_classes: int = 21, widths: tuple[int, ...] = VGG16_WIDTHS, 
               skip_scaling, dtype, param_dtype)
 
 
-@register_model("fcn16s_vgg16")
-def fcn16s_vgg16(num_classes: int = 21, widths: tuple[int, ...] = VGG16_WIDTHS, fc_width: int = 4096,
+@register_model("fcn_16s_vgg16")
+def fcn_16s_vgg16(num_classes: int = 21, widths: tuple[int, ...] = VGG16_WIDTHS, fc_width: int = 4096,
                  norm: str = "none", dropout_rate: float = 0.5, pad100: bool = False,
                  learn_upsampling: bool = False, skip_scaling: bool = True,
                  dtype: Any = "float32", param_dtype: Any = "float32") -> FCN:
@@ -246,8 +246,8 @@ def fcn16s_vgg16(num_classes: int = 21, widths: tuple[int, ...] = VGG16_WIDTHS, 
               skip_scaling, dtype, param_dtype)
 
 
-@register_model("fcn8s_vgg16")
-def fcn8s_vgg16(num_classes: int = 21, widths: tuple[int, ...] = VGG16_WIDTHS, fc_width: int = 4096,
+@register_model("fcn_8s_vgg16")
+def fcn_8s_vgg16(num_classes: int = 21, widths: tuple[int, ...] = VGG16_WIDTHS, fc_width: int = 4096,
                 norm: str = "none", dropout_rate: float = 0.5, pad100: bool = False,
                 learn_upsampling: bool = False, skip_scaling: bool = True,
                 dtype: Any = "float32", param_dtype: Any = "float32") -> FCN:

@@ -1,14 +1,14 @@
 """U-Net: Ronneberger, Fischer and Brox, "U-Net: Convolutional Networks for Biomedical Image
 Segmentation", MICCAI 2015 (arXiv:1505.04597).
 
-A contracting path of `depth` stages (two 3x3 convolutions + ReLU, then 2x2 max-pooling,
-widths base_width * 2**level), a bottleneck, and an expanding path that upsamples by two
+A contracting path of `depth` stages (two 3x3 convolutions + ReLU, width * 2**level channels,
+then 2x2 max-pooling), a bottleneck, and an expanding path that upsamples by two
 ("up-convolution" halving the channels), concatenates the centre-cropped contracting-path
 features of the same level, and applies two 3x3 convolutions; a 1x1 convolution maps to the
 class logits. The paper uses unpadded ("VALID") convolutions, so a 572x572 tile yields a
 388x388 segmentation of its centre; "SAME" padding keeps the input size.
 
-    model = zoo.create("unet", num_classes=11, padding="SAME", base_width=16, depth=3)
+    model = zoo.create("unet", num_classes=11, padding="SAME", width=16, depth=3)
     variables = model.init(rng, images, train=False)
     logits, aux = model.apply(variables, images, train=False)
 """
@@ -52,7 +52,7 @@ class UNet(nn.Module):
   Attributes:
     num_classes: output channels of the final 1x1 convolution.
     in_channels: channels C of the input images.
-    base_width: channels of the first stage; stage `level` has base_width * 2**level.
+    width: channels of the first stage; stage `level` has width * 2**level.
     depth: number of 2x2 max-pool downsamplings (the paper: 4, widths 64..1024).
     padding: "VALID" (the paper: unpadded convolutions, centre-cropped skip connections,
       output smaller than the input; see `output_size`) or "SAME" (output = input size).
@@ -64,7 +64,7 @@ class UNet(nn.Module):
   """
   num_classes: int
   in_channels: int = 3
-  base_width: int = 64
+  width: int = 64
   depth: int = 4
   padding: str = "VALID"
   norm: str = "none"
@@ -77,9 +77,9 @@ class UNet(nn.Module):
                                   ("upsample", self.upsample, UPSAMPLINGS)):
       if value not in choices:
         raise ValueError(f"U-Net {field} must be one of {choices}, got {value!r}.")
-    if self.depth < 1 or self.base_width < 1 or self.num_classes < 1 or self.in_channels < 1:
-      raise ValueError(f"U-Net needs depth, base_width, num_classes and in_channels >= 1; got "
-                       f"{self.depth}, {self.base_width}, {self.num_classes}, {self.in_channels}.")
+    if self.depth < 1 or self.width < 1 or self.num_classes < 1 or self.in_channels < 1:
+      raise ValueError(f"U-Net needs depth, width, num_classes and in_channels >= 1; got "
+                       f"{self.depth}, {self.width}, {self.num_classes}, {self.in_channels}.")
     super().__post_init__()
 
   def output_size(self, input_size: int) -> int | None:
@@ -155,9 +155,9 @@ class UNet(nn.Module):
       logits: (B, H', W', num_classes) float32, H' = output_size(H) (= H for SAME; for VALID
         the centre H' x H' of the input, e.g. 388 for 572 at depth 4).
       aux: dict of features in `dtype`: "encoder", a list over levels 0..depth-1 of the
-        contracting path's (B, H_l, W_l, base_width * 2**l) before pooling; "bottleneck",
-        (B, h, w, base_width * 2**depth); "decoder", a list from the deepest level up of the
-        expanding path's (B, H'_l, W'_l, base_width * 2**l).
+        contracting path's (B, H_l, W_l, width * 2**l) before pooling; "bottleneck",
+        (B, h, w, width * 2**depth); "decoder", a list from the deepest level up of the
+        expanding path's (B, H'_l, W'_l, width * 2**l).
     """
     self.check_input_shape(images.shape)
     stage = lambda features, name: DoubleConv(features, self.padding, self.norm, self.dtype,
@@ -165,14 +165,14 @@ class UNet(nn.Module):
     x = images.astype(self.dtype)
     encoder = []
     for level in range(self.depth):
-      x = stage(self.base_width * 2**level, f"encoder_{level}")(x, train=train)
+      x = stage(self.width * 2**level, f"encoder_{level}")(x, train=train)
       encoder.append(x)
       x = max_pool_2x2(x)
-    x = stage(self.base_width * 2**self.depth, "bottleneck")(x, train=train)
+    x = stage(self.width * 2**self.depth, "bottleneck")(x, train=train)
     bottleneck = x
     decoder = []
     for level in reversed(range(self.depth)):
-      features = self.base_width * 2**level
+      features = self.width * 2**level
       if self.upsample == "transpose":
         x = UpConvolution(features, self.dtype, self.param_dtype, name=f"up_{level}")(x)
       else:
@@ -188,12 +188,12 @@ class UNet(nn.Module):
 
 
 @register_model("unet")
-def unet(num_classes: int = 2, in_channels: int = 3, base_width: int = 64, depth: int = 4,
+def unet(num_classes: int = 2, in_channels: int = 3, width: int = 64, depth: int = 4,
          padding: str = "VALID", norm: str = "none", upsample: str = "transpose",
          dtype: Any = "float32", param_dtype: Any = "float32") -> UNet:
   """Ronneberger et al.'s U-Net by default: 2 classes, widths 64..1024, VALID, no norm,
   up-convolutions; 31,031,810 parameters for RGB input, 31,030,658 for the paper's grayscale
   (in_channels=1). Every field of `UNet` can be overridden."""
-  return UNet(num_classes=num_classes, in_channels=in_channels, base_width=base_width,
+  return UNet(num_classes=num_classes, in_channels=in_channels, width=width,
               depth=depth, padding=padding, norm=norm, upsample=upsample,
               dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype))

@@ -1,7 +1,8 @@
 """Swin Transformer (Liu et al. 2021): hierarchical vision transformer with shifted windows.
 
 Mirrors microsoft/Swin-Transformer `models/swin_transformer.py` (v1): the hyper-parameter
-names are the official ones and the parameter tree follows its state-dict names
+names are the official ones (but `in_channels`, the zoo's word for the official `in_channels`)
+and the parameter tree follows its state-dict names
 (patch_embed/proj, layers_{i}/blocks_{j}/attn/qkv, ...), so its checkpoints map name for name.
 Channels-last throughout: tokens are kept as a (B, H, W, C) map.
 
@@ -123,7 +124,7 @@ class PatchMerging(nn.Module):
 class SwinTransformer(nn.Module):
   """Swin classifier and backbone.
 
-  __call__(images (B, img_size, img_size, in_chans), train) -> (logits (B, num_classes),
+  __call__(images (B, img_size, img_size, in_channels), train) -> (logits (B, num_classes),
   aux) with aux["stages"] the stage outputs (B, H/4, W/4, C), (B, H/8, W/8, 2C), ... at
   strides 4, 8, 16, 32 (after each stage's blocks, before merging) and aux["features"] the
   pooled (B, 8C) representation. num_classes=0 gives no head (logits are the features).
@@ -133,7 +134,7 @@ class SwinTransformer(nn.Module):
   """
   img_size: int = 224
   patch_size: int = 4
-  in_chans: int = 3
+  in_channels: int = 3
   num_classes: int = 1000
   embed_dim: int = 96
   depths: Sequence[int] = (2, 2, 6, 2)
@@ -157,8 +158,8 @@ class SwinTransformer(nn.Module):
     return geometry
 
   def _check(self, images):
-    if images.ndim != 4 or images.shape[-1] != self.in_chans:
-      raise ValueError(f"Swin takes images (B, H, W, {self.in_chans}) NHWC, got shape {images.shape}.")
+    if images.ndim != 4 or images.shape[-1] != self.in_channels:
+      raise ValueError(f"Swin takes images (B, H, W, {self.in_channels}) NHWC, got shape {images.shape}.")
     if images.shape[1:3] != (self.img_size, self.img_size):
       raise ValueError(f"Swin was built for {self.img_size}x{self.img_size} images, got "
                        f"{images.shape[1]}x{images.shape[2]}; create it with img_size="
@@ -210,32 +211,36 @@ class SwinTransformer(nn.Module):
 
 
 @register_model("swin")
-def swin(img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96,
-         depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, mlp_ratio=4.0,
-         qkv_bias=True, drop_path_rate=0.1, dtype=jnp.float32, param_dtype=jnp.float32,
-         global_pool="avg"):
+def swin(img_size: int = 224, patch_size: int = 4, in_channels: int = 3, num_classes: int = 1000,
+         embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
+         num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, mlp_ratio: float = 4.0,
+         qkv_bias: bool = True, drop_path_rate: float = 0.1, dtype: Any = "float32",
+         param_dtype: Any = "float32", global_pool: str = "avg") -> SwinTransformer:
   """Swin of any size; the official hyper-parameter names (+ timm's global_pool, "avg" or "max")."""
-  return SwinTransformer(img_size, patch_size, in_chans, num_classes, embed_dim, tuple(depths),
+  return SwinTransformer(img_size, patch_size, in_channels, num_classes, embed_dim, tuple(depths),
                          tuple(num_heads), window_size, mlp_ratio, qkv_bias, drop_path_rate,
-                         dtype, param_dtype, global_pool)
+                         jnp.dtype(dtype), jnp.dtype(param_dtype), global_pool)
 
 
 @register_model("swin_t")
-def swin_t(img_size=224, num_classes=1000, window_size=7, drop_path_rate=0.2, dtype=jnp.float32):
+def swin_t(img_size: int = 224, num_classes: int = 1000, window_size: int = 7,
+           drop_path_rate: float = 0.2, dtype: Any = "float32") -> SwinTransformer:
   """Swin-T: C=96, depths (2, 2, 6, 2), heads (3, 6, 12, 24) (the official swin_tiny_patch4_window7_224)."""
   return swin(img_size=img_size, num_classes=num_classes, window_size=window_size,
               drop_path_rate=drop_path_rate, dtype=dtype)
 
 
 @register_model("swin_s")
-def swin_s(img_size=224, num_classes=1000, window_size=7, drop_path_rate=0.3, dtype=jnp.float32):
+def swin_s(img_size: int = 224, num_classes: int = 1000, window_size: int = 7,
+           drop_path_rate: float = 0.3, dtype: Any = "float32") -> SwinTransformer:
   """Swin-S: C=96, depths (2, 2, 18, 2), heads (3, 6, 12, 24)."""
   return swin(img_size=img_size, num_classes=num_classes, depths=(2, 2, 18, 2),
               window_size=window_size, drop_path_rate=drop_path_rate, dtype=dtype)
 
 
 @register_model("swin_b")
-def swin_b(img_size=224, num_classes=1000, window_size=7, drop_path_rate=0.5, dtype=jnp.float32):
+def swin_b(img_size: int = 224, num_classes: int = 1000, window_size: int = 7,
+           drop_path_rate: float = 0.5, dtype: Any = "float32") -> SwinTransformer:
   """Swin-B: C=128, depths (2, 2, 18, 2), heads (4, 8, 16, 32)."""
   return swin(img_size=img_size, num_classes=num_classes, embed_dim=128, depths=(2, 2, 18, 2),
               num_heads=(4, 8, 16, 32), window_size=window_size, drop_path_rate=drop_path_rate,
@@ -243,11 +248,14 @@ def swin_b(img_size=224, num_classes=1000, window_size=7, drop_path_rate=0.5, dt
 
 
 class SwinSegmenter(nn.Module):
-  """Swin backbone with a light feature-pyramid head for semantic segmentation.
+  """Swin backbone with a light feature-pyramid head for semantic segmentation: Semantic FPN's
+  merge (Kirillov et al., "Panoptic Feature Pyramid Networks", CVPR 2019, Sec. 3: every level
+  brought to stride 4 and summed, a 1x1 classifier, upsampling to the input) with one 1x1
+  projection per stage in place of its FPN and convolution stages.
 
   Every stage output (strides 4, 8, ...) is projected to `head_width` channels (1x1), resized
   bilinearly to the stride-4 grid and summed; a GELU and a 1x1 classifier give per-cell logits,
-  resized bilinearly to the input. (B, H, W, in_chans) -> (B, H, W, num_classes), aux as
+  resized bilinearly to the input. (B, H, W, in_channels) -> (B, H, W, num_classes), aux as
   SwinTransformer's.
   """
   backbone: SwinTransformer
@@ -268,12 +276,17 @@ class SwinSegmenter(nn.Module):
     return logits.astype(jnp.float32), aux
 
 
-@register_model("swin_segmenter")
-def swin_segmenter(num_classes=11, head_width=64, img_size=224, patch_size=4, in_chans=3,
-                   embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7,
-                   mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.1, dtype=jnp.float32):
-  """Swin backbone (official hyper-parameter names) + a feature-pyramid segmentation head."""
-  backbone = swin(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=0,
-                  embed_dim=embed_dim, depths=depths, num_heads=num_heads, window_size=window_size,
-                  mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path_rate=drop_path_rate, dtype=dtype)
+@register_model("semantic_fpn_swin")
+def semantic_fpn_swin(num_classes: int = 11, head_width: int = 64, img_size: int = 224,
+                      patch_size: int = 4, in_channels: int = 3, embed_dim: int = 96,
+                      depths: Sequence[int] = (2, 2, 6, 2),
+                      num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7,
+                      mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path_rate: float = 0.1,
+                      dtype: Any = "float32") -> SwinSegmenter:
+  """Swin backbone (official hyper-parameter names; Swin-T's sizes by default) + the light
+  Semantic FPN head (`SwinSegmenter`)."""
+  backbone = swin(img_size=img_size, patch_size=patch_size, in_channels=in_channels,
+                  num_classes=0, embed_dim=embed_dim, depths=depths, num_heads=num_heads,
+                  window_size=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                  drop_path_rate=drop_path_rate, dtype=dtype)
   return SwinSegmenter(backbone, num_classes, head_width)

@@ -353,27 +353,48 @@ def vit(num_classes: int = 1000, patch_size: Any = 16, hidden_size: int = 768,
                  representation_size, dropout_rate, attention_dropout_rate, dtype, param_dtype)
 
 
-def _register_size(name, hidden_size, num_layers, num_heads, mlp_dim, doc):
-  def constructor(num_classes: int = 1000, classifier: str = "token",
-                  representation_size: int | None = None, dropout_rate: float = 0.0,
-                  attention_dropout_rate: float = 0.0, dtype: Any = "float32",
-                  param_dtype: Any = "float32") -> VisionTransformer:
-    return _create(num_classes, 16, hidden_size, num_layers, num_heads, mlp_dim, classifier,
-                   representation_size, dropout_rate, attention_dropout_rate, dtype, param_dtype)
-
-  constructor.__name__ = constructor.__qualname__ = name
-  constructor.__doc__ = doc + (" Patch 16; the sizes are fixed, the head and regularisation can "
-                               "be overridden (use `vit` for custom sizes).")
-  return register_model(name)(constructor)
-
-
 # The paper's Table 1 (Base, Large) and DeiT's Tiny / Small (Touvron et al. 2021), as in vit_jax's
-# configs (ViT-Ti/16 D192 L12 H3 mlp768, ViT-S/16 D384 L12 H6 mlp1536).
-vit_ti16 = _register_size("vit_ti16", 192, 12, 3, 768, "ViT-Ti/16: D=192, 12 layers, 3 heads, MLP 768.")
-vit_s16 = _register_size("vit_s16", 384, 12, 6, 1536, "ViT-S/16: D=384, 12 layers, 6 heads, MLP 1536.")
-vit_b16 = _register_size("vit_b16", 768, 12, 12, 3072,
-                         "ViT-B/16: D=768, 12 layers, 12 heads, MLP 3072; 86,567,656 parameters "
-                         "at 224x224 with 1000 classes.")
-vit_l16 = _register_size("vit_l16", 1024, 24, 16, 4096,
-                         "ViT-L/16: D=1024, 24 layers, 16 heads, MLP 4096; 304,326,632 parameters "
-                         "at 224x224 with 1000 classes.")
+# configs (ViT-Ti/16 D192 L12 H3 mlp768, ViT-S/16 D384 L12 H6 mlp1536). Patch 16; the sizes are
+# fixed, the head and regularisation can be overridden (`vit` takes custom sizes).
+
+
+@register_model("vit_ti16")
+def vit_ti16(num_classes: int = 1000, classifier: str = "token",
+             representation_size: int | None = None, dropout_rate: float = 0.0,
+             attention_dropout_rate: float = 0.0, dtype: Any = "float32",
+             param_dtype: Any = "float32") -> VisionTransformer:
+  """ViT-Ti/16: D=192, 12 layers, 3 heads, MLP 768."""
+  return _create(num_classes, 16, 192, 12, 3, 768, classifier, representation_size,
+                 dropout_rate, attention_dropout_rate, dtype, param_dtype)
+
+
+@register_model("vit_s16")
+def vit_s16(num_classes: int = 1000, classifier: str = "token",
+            representation_size: int | None = None, dropout_rate: float = 0.0,
+            attention_dropout_rate: float = 0.0, dtype: Any = "float32",
+            param_dtype: Any = "float32") -> VisionTransformer:
+  """ViT-S/16: D=384, 12 layers, 6 heads, MLP 1536."""
+  return _create(num_classes, 16, 384, 12, 6, 1536, classifier, representation_size,
+                 dropout_rate, attention_dropout_rate, dtype, param_dtype)
+
+
+@register_model("vit_b16")
+def vit_b16(num_classes: int = 1000, classifier: str = "token",
+            representation_size: int | None = None, dropout_rate: float = 0.0,
+            attention_dropout_rate: float = 0.0, dtype: Any = "float32",
+            param_dtype: Any = "float32") -> VisionTransformer:
+  """ViT-B/16: D=768, 12 layers, 12 heads, MLP 3072; 86,567,656 parameters
+  at 224x224 with 1000 classes."""
+  return _create(num_classes, 16, 768, 12, 12, 3072, classifier, representation_size,
+                 dropout_rate, attention_dropout_rate, dtype, param_dtype)
+
+
+@register_model("vit_l16")
+def vit_l16(num_classes: int = 1000, classifier: str = "token",
+            representation_size: int | None = None, dropout_rate: float = 0.0,
+            attention_dropout_rate: float = 0.0, dtype: Any = "float32",
+            param_dtype: Any = "float32") -> VisionTransformer:
+  """ViT-L/16: D=1024, 24 layers, 16 heads, MLP 4096; 304,326,632 parameters
+  at 224x224 with 1000 classes."""
+  return _create(num_classes, 16, 1024, 24, 16, 4096, classifier, representation_size,
+                 dropout_rate, attention_dropout_rate, dtype, param_dtype)

@@ -8,7 +8,8 @@ or a mapping of parameter names to arrays.
 Formats so far:
   swin_official  the `model` state dict of microsoft/Swin-Transformer (models/swin_transformer.py);
                  its buffers relative_position_index and attn_mask are recomputed, not read.
-                 Hyper-parameters: those of the `swin` registry constructor (official names).
+                 Hyper-parameters: those of the `swin` registry constructor (the official
+                 names, but in_channels for in_chans).
   vit_jax        the .npz checkpoints of google-research/vision_transformer ('/'-joined flax
                  names, which `zoo.transformers.vit` keeps). Hyper-parameters: image_size,
                  patch_size (int or (h, w)), hidden_size, mlp_dim, num_heads, num_layers,
@@ -169,7 +170,7 @@ def load_checkpoint(source, *, format: str, **hyperparameters):
   model = registry.create("swin", **hyperparameters)
   size = model.img_size
   expected = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, size, size, model.in_chans)), train=False))["params"]
+      jax.random.key(0), jnp.zeros((1, size, size, model.in_channels)), train=False))["params"]
   params = _convert(state, _swin_official_name, flax.core.unfreeze(expected), format)
   return model, {"params": params}
 

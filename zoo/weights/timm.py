@@ -11,7 +11,8 @@ The family is told from the names (`layers.{i}.blocks.{j}.` = Swin, `blocks.{i}.
 
 Swin (`timm.models.swin_transformer.SwinTransformer`) -> `zoo.transformers.swin` ("swin"):
   img_size (int), patch_size, in_chans, num_classes, embed_dim, depths, num_heads, window_size
-  (int), mlp_ratio, qkv_bias, drop_path_rate, dtype: the same names as the official release.
+  (int), mlp_ratio, qkv_bias, drop_path_rate, dtype: the same names as the official release
+  (in_chans is the zoo's in_channels).
   timm's state dict is the official one but for two renamings: each stage's patch merging sits
   at the start of the next stage (`layers.{i}.downsample` for i >= 1, = official
   `layers.{i-1}.downsample`) and the classifier is `head.fc`. The buffers
@@ -77,10 +78,12 @@ def load(state, *, model: str | None = None, **hyperparameters):
 
 
 def _load_swin(state, **hyperparameters):
+  if "in_chans" in hyperparameters:  # timm's name for the zoo's in_channels
+    hyperparameters["in_channels"] = hyperparameters.pop("in_chans")
   module = registry.create("swin", **hyperparameters)
   size = module.img_size
   expected = flax.core.unfreeze(jax.eval_shape(lambda: module.init(
-      jax.random.key(0), jnp.zeros((1, size, size, module.in_chans)), train=False))["params"])
+      jax.random.key(0), jnp.zeros((1, size, size, module.in_channels)), train=False))["params"])
   official_layout = any(name.startswith("layers.0.downsample.") for name in state)
 
   def rename(name):
