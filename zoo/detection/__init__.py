@@ -6,7 +6,8 @@
                     (ROIHeadsConfig)
   fast_rcnn.py      Fast R-CNN on external proposals: `fast_rcnn_vgg16`
   two_stage.py      Faster / Mask R-CNN: `faster_rcnn_r50_fpn`, `mask_rcnn_r50_fpn`, `faster_rcnn_vgg16`
-  task.py           the `detection` task: losses and COCO evaluation
+  losses.py         the stages' losses (detectron2's)
+  task.py           the `detection` task: the training loss, COCO / VOC evaluation
 
 Importing the family registers its models.
 """

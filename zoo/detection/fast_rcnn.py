@@ -25,7 +25,7 @@ backbone, with a region proposal network, is `faster_rcnn_vgg16` (zoo.detection.
 Training follows torchvision / detectron2: ground-truth boxes join the proposals, each image
 samples roi_heads.batch_size_per_image RoIs with at most 25% positives (IoU >= 0.5; negatives
 IoU < 0.5; Fast R-CNN's original took negatives from [0.1, 0.5) and 64 RoIs per image), and the
-model returns the raw outputs with the targets it sampled ("box"), so `zoo.detection.task`
+model returns the raw outputs with the targets it sampled ("box"), so `zoo.detection.losses`
 computes the losses. Inference decodes every class's box, drops scores <= 0.05 and runs
 per-class NMS (`zoo.detection.roi_heads.postprocess_detections`).
 

@@ -5,7 +5,7 @@ Given proposals (B, P, 4) per image, padded with a validity mask:
 - training: ground-truth boxes join the proposals and a fixed number of RoIs is matched and
   sampled at a fixed positive fraction, positives first (`sample_rois`); the box head's and
   the mask head's raw outputs are returned with the targets sampled for them, the losses
-  are zoo.detection.task's;
+  are zoo.detection.losses';
 - inference: every class's decoded box with its softmax score, thresholded, per-class NMS,
   a fixed number kept (`postprocess_detections`), and the mask head on those.
 

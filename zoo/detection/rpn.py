@@ -6,7 +6,7 @@ for A anchors per position: `RPNHead`, torchvision's names conv / cls_logits / b
 proposals are torchvision's `filter_proposals` (`select_proposals`): per level the top-k
 objectness, decoded, clipped, small boxes dropped, per-level NMS, the post-NMS top-k per image,
 padded with a validity mask; in training a fixed number of anchors is matched and sampled
-(`rpn_targets`) and returned with their logits and deltas for the loss (zoo.detection.task).
+(`rpn_targets`) and returned with their logits and deltas for the loss (zoo.detection.losses).
 """
 
 import dataclasses

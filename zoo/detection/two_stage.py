@@ -6,7 +6,7 @@ matched and a fixed number sampled, proposals are the post-NMS top-k per image (
 validity mask), ground-truth boxes join them, the RoI heads sample a fixed number of RoIs at a
 fixed positive fraction, and the mask head runs on the first `batch_size_per_image *
 positive_fraction` slots, where the sampler puts the positives. The model returns raw outputs
-together with the targets it sampled; the losses are `zoo.detection.task`'s.
+together with the targets it sampled; the losses are `zoo.detection.losses`'.
 
 Registered variants:
 
@@ -52,7 +52,7 @@ class FasterRCNN(nn.Module):
   targets {"boxes": (B, G, 4) pixels, "labels": (B, G) int in [0, num_classes),
   "objects_valid": (B, G) bool, and with masks "instance_masks": (B, G, H, W) bool}.
   Returns (outputs, aux): training outputs hold each stage's raw predictions and the targets
-  sampled for them ("rpn", "box", with masks "mask"; see `zoo.detection.task`); inference
+  sampled for them ("rpn", "box", with masks "mask"; see `zoo.detection.losses`); inference
   outputs are the detections {"boxes": (B, D, 4), "scores", "classes" (1..num_classes),
   "valid", and with masks "masks": (B, D, 28, 28) probabilities in each box, 0 where not
   valid}, D = roi_heads.detections_per_image. aux: the RPN's {"proposals", "proposals_valid"},
