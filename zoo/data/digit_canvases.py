@@ -66,7 +66,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from zoo.data import CLASS_NAMES
+from zoo.data.labels import CLASS_NAMES
 
 DIGITS_PATH = os.path.join(os.path.dirname(__file__), "digits_8x8.npz")
 DIGITS_SHA256 = "87ff0c9e40dc7e2c0e34e7257799c2e3f3aec1a016363bb11cad869ec428a826"

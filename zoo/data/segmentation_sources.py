@@ -20,7 +20,7 @@ for nothing. Which TFDS datasets carry segmentation masks (TFDS 4.9):
 
 import numpy as np
 
-from zoo.data import IGNORE_LABEL
+from zoo.data.labels import IGNORE_LABEL
 
 DEFAULT_SIZE = 256
 
