@@ -1,6 +1,6 @@
 """The CRF-as-RNN layer (zoo.segmentation.crf.DenseCRF) against a float64 NumPy brute-force
 transcription of the fully connected CRF's mean field (Krähenbühl and Koltun 2011, as
-kernels/dense_crf.py states it): forward, and gradients with respect to the logits, the
+kernels/crf/api.py states it): forward, and gradients with respect to the logits, the
 softplus-parametrised kernel weights and a non-Potts compatibility matrix; the segmentation
 task's loss on its log Q output."""
 
