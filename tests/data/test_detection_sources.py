@@ -1,6 +1,6 @@
 """Real detection datasets through TFDS (offline, `tfds.testing.mock_data`): VOC 2007 and 2012,
-COCO 2017 and COCO 2017 panoptic resized and padded to a fixed size, difficult / crowd / stuff
-objects dropped, batched by the ordinary pipeline with boxes in pixels (and instance masks from
+COCO 2017 and COCO 2017 panoptic resized and padded to a fixed size, difficult / crowd objects
+kept apart as ignored objects, stuff dropped, VOC's 1-based boxes as pixel edges, batched by the ordinary pipeline with boxes in pixels (and instance masks from
 the panoptic segments); the mappings, the resizing and the panoptic masks on hand-made examples.
 
 TFDS's `coco` builder names `tf.int64` in `_info` (its only TensorFlow use when constructed,
@@ -35,18 +35,42 @@ def test_longer_side_is_resized_and_boxes_follow():
   image = np.full((48, 96, 3), 200, np.uint8)
   example = {"image": image, "objects": {
       "bbox": np.array([[0.0, 0.0, 1.0, 0.5], [0.25, 0.5, 0.75, 1.0]], np.float32),
-      "label": np.array([3, 7]), "is_crowd": np.array([False, True])}}
+      "label": np.array([3, 7]), "is_crowd": np.array([False, True]),
+      "area": np.array([1500, 700])}}
   source = DetectionSource([example], "coco", size=64)
   out = source[0]
   assert out["image"].shape == (64, 64, 3)
   # 48x96 -> 32x64, padded below with zeros
   assert (out["image"][:32] == 200).all() and (out["image"][32:] == 0).all()
-  np.testing.assert_allclose(out["objects"]["bbox"], [[0.0, 0.0, 0.5, 0.5]])   # crowd dropped
+  np.testing.assert_allclose(out["objects"]["bbox"], [[0.0, 0.0, 0.5, 0.5]])
   np.testing.assert_array_equal(out["objects"]["label"], [3])
+  # The crowd region is an ignored object; areas stay the annotations' (original pixels).
+  np.testing.assert_allclose(out["ignored_objects"]["bbox"], [[0.125, 0.5, 0.375, 1.0]])
+  np.testing.assert_array_equal(out["ignored_objects"]["label"], [7])
+  np.testing.assert_array_equal(out["objects"]["area"], [1500.0])
+  np.testing.assert_array_equal(out["image/scale"], np.float32([2 / 3, 2 / 3]))
   with pytest.raises(ValueError, match="multiple of 32"):
     DetectionSource([example], "coco", size=50)
   with pytest.raises(ValueError, match="No detection mapping for dataset 'kitti'"):
     DetectionSource([example], "kitti")
+
+
+def test_voc_boxes_become_pixel_edges_and_difficult_objects_ignored():
+  # The devkit's 1-based boxes, both ends included: columns 1..10 and 31..50 of a 60 x 40 image.
+  height, width = 40, 60
+  devkit = np.array([[1, 1, 10, 20], [31, 11, 50, 40]], np.float32)   # xmin ymin xmax ymax
+  example = {"image": np.zeros((height, width, 3), np.uint8), "objects": {
+      "bbox": devkit[:, [1, 0, 3, 2]] / [height, width, height, width],  # as TFDS stores them
+      "label": np.array([4, 9]), "is_difficult": np.array([False, True])}}
+  out = DetectionSource([example], "voc", size=96)[0]            # 60x40 -> 96x64 canvas pixels
+  assert "area" not in out["objects"]
+  np.testing.assert_allclose(out["image/scale"], [1.6, 1.6], rtol=1e-6)
+  for objects, k in ((out["objects"], 0), (out["ignored_objects"], 1)):
+    ymin, xmin, ymax, xmax = objects["bbox"][0] * 96 / 1.6        # back to original pixels
+    # Pixel edges: x1 = xmin - 1, x2 = xmax, so the width is the devkit's xmax - xmin + 1.
+    np.testing.assert_allclose([xmin, ymin, xmax, ymax], devkit[k] - [1, 1, 0, 0], atol=1e-4)
+  np.testing.assert_array_equal(out["objects"]["label"], [4])
+  np.testing.assert_array_equal(out["ignored_objects"]["label"], [9])
 
 
 def test_resize_is_identity_at_scale_one():
@@ -94,8 +118,13 @@ def test_panoptic_thing_segments_become_objects_with_masks():
                  "bbox": boxes, "is_crowd": np.array([False, False, False, True])}}
   out = DetectionSource([example], "coco", size=64, panoptic_names=PANOPTIC_NAMES)[0]
   objects = out["objects"]
-  # Stuff and crowd dropped; labels are coco/2017's (car 2, dog 16).
+  # Stuff dropped, crowd ignored; labels are coco/2017's (car 2, dog 16, person 0).
   np.testing.assert_array_equal(objects["label"], [2, 16])
+  np.testing.assert_array_equal(out["ignored_objects"]["label"], [0])
+  expected = np.zeros((64, 64), bool)
+  expected[:, :32] = (segments == crowd)[1::2, 1::2]
+  np.testing.assert_array_equal(out["ignored_objects"]["mask"], expected[None])
+  np.testing.assert_allclose(out["ignored_objects"]["bbox"], boxes[3:] * [1, 0.5, 1, 0.5])
   assert (COCO_CLASSES[2], COCO_CLASSES[16]) == ("car", "dog")
   # 128x64 -> 64x32: boxes' x halved on the 64-wide canvas, y unchanged.
   np.testing.assert_allclose(objects["bbox"], boxes[1:3] * [1, 0.5, 1, 0.5])
@@ -184,16 +213,26 @@ def test_mocked_tfds_detection_data_loads_and_batches(monkeypatch, coco_without_
       raw, example = mocked[i], source[i]
       assert example["image"].shape == (800, 800, 3)
       objects = raw["objects"]
-      n = min(len(objects["bbox"]), len(objects["label"]), len(objects[flag]))
-      kept = ~np.asarray(objects[flag], bool).reshape(-1)[:n]
-      assert len(example["objects"]["label"]) == kept.sum()
-    most = max(len(source[i]["objects"]["label"]) for i in range(3))
-    batch = next(pipeline.train_batches(source, global_batch_size=2, seed=0, max_objects=max(most, 1),
-                                        features=("image", "boxes", "labels")))
+      n = min(len(objects[key]) for key in ("bbox", "label", flag, "area") if key in objects)
+      ignored = np.asarray(objects[flag], bool).reshape(-1)[:n]
+      assert len(example["objects"]["label"]) == (~ignored).sum()
+      assert len(example["ignored_objects"]["label"]) == ignored.sum()
+      if "area" in objects:
+        np.testing.assert_array_equal(example["objects"]["area"], objects["area"][:n][~ignored])
+    most = max(max(len(source[i]["objects"]["label"]), len(source[i]["ignored_objects"]["label"]))
+               for i in range(3))
+    batch = next(pipeline.train_batches(
+        source, global_batch_size=2, seed=0, max_objects=max(most, 1),
+        features=("image", "boxes", "labels", "ignored_boxes", "ignored_labels", "areas",
+                  "image_scale")))
     assert batch["image"].shape == (2, 800, 800, 3) and batch["boxes"].shape[-1] == 4
-    boxes = batch["boxes"][batch["objects_valid"]]
-    assert ((boxes >= 0) & (boxes <= 800)).all()
-    assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
+    assert batch["image_scale"].shape == (2, 2) and (batch["image_scale"] > 0).all()
+    for boxes, valid in (("boxes", "objects_valid"), ("ignored_boxes", "ignored_valid")):
+      boxes = batch[boxes][batch[valid]]
+      assert ((boxes >= 0) & (boxes <= 800)).all()
+      assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
+    areas = batch["areas"][batch["objects_valid"]]
+    assert (areas >= 0).all() if name == "coco/2017" else (areas == -1).all()
 
 
 class _PaintedPanoptic:
@@ -211,7 +250,7 @@ class _PaintedPanoptic:
   def __getitem__(self, index):
     example = dict(self.source[index])
     objects = example["panoptic_objects"]
-    n = min(len(objects[key]) for key in ("id", "bbox", "label", "is_crowd"))
+    n = min(len(objects[key]) for key in ("id", "bbox", "label", "is_crowd", "area"))
     bbox = np.asarray(objects["bbox"], np.float32).reshape(-1, 4)[:n]
     ys, xs = np.sort(bbox[:, 0::2], axis=1), np.sort(bbox[:, 1::2], axis=1)
     bbox = np.stack([ys[:, 0], xs[:, 0], ys[:, 1], xs[:, 1]], axis=1)
@@ -223,7 +262,8 @@ class _PaintedPanoptic:
     example["panoptic_image"] = _panoptic_rgb(segments)
     example["panoptic_objects"] = dict(objects, id=np.arange(1, n + 1), bbox=bbox,
                                        label=np.asarray(objects["label"])[:n],
-                                       is_crowd=np.asarray(objects["is_crowd"])[:n])
+                                       is_crowd=np.asarray(objects["is_crowd"])[:n],
+                                       area=np.asarray(objects["area"])[:n])
     return example
 
 
@@ -249,6 +289,12 @@ def test_mocked_coco_panoptic_loads_with_instance_masks(monkeypatch, coco_withou
       objects = example["objects"]
       np.testing.assert_array_equal(objects["label"],
                                     [thing[raw_objects["label"][k]] for k in kept])
+      np.testing.assert_array_equal(objects["area"], raw_objects["area"][kept])
+      crowds = [k for k, (label, crowd) in enumerate(zip(raw_objects["label"],
+                                                         raw_objects["is_crowd"]))
+                if label in thing and crowd]
+      np.testing.assert_array_equal(example["ignored_objects"]["label"],
+                                    [thing[raw_objects["label"][k]] for k in crowds])
       assert objects["mask"].shape == (len(kept), 800, 800) and objects["mask"].dtype == bool
       assert example["image/filename"] == mocked[i]["image/filename"]
       # Each mask lies in its box, give or take one original pixel (the painting rounds out).
@@ -258,16 +304,18 @@ def test_mocked_coco_panoptic_loads_with_instance_masks(monkeypatch, coco_withou
         if len(ys):
           assert y1 - pixel <= ys.min() <= ys.max() <= y2 + pixel
           assert x1 - pixel <= xs.min() <= xs.max() <= x2 + pixel
-    most = max(len(source[i]["objects"]["label"]) for i in range(3))
+    most = max(max(len(source[i]["objects"]["label"]), len(source[i]["ignored_objects"]["label"]))
+               for i in range(3))
     batch = next(pipeline.train_batches(
         source, global_batch_size=2, seed=0, max_objects=max(most, 1),
-        features=("image", "boxes", "labels", "instance_masks")))
+        features=("image", "boxes", "labels", "instance_masks", "ignored_masks")))
   assert batch["image"].shape == (2, 800, 800, 3)
   assert batch["instance_masks"].shape == (2, max(most, 1), 800, 800)
   # Panoptic segments do not overlap; padded object slots have empty masks.
   masks, valid = batch["instance_masks"], batch["objects_valid"]
-  assert (masks.sum(1) <= 1).all() and not masks[~valid].any()
-  assert masks[valid].any(axis=(1, 2)).sum() > 0
+  ignored, ignored_valid = batch["ignored_masks"], batch["ignored_valid"]
+  assert (masks.sum(1) + ignored.sum(1) <= 1).all() and not masks[~valid].any()
+  assert masks[valid].any(axis=(1, 2)).sum() > 0 and not ignored[~ignored_valid].any()
 
 
 def test_detector_class_names_follow_tfds_label_order():

@@ -4,16 +4,28 @@ The input pipeline batches fixed-size images; detection datasets have images of 
 `DetectionSource` wraps a TFDS random-access data source: each image is resized so that its
 longer side is `size` (bilinear), padded with zeros at the bottom and right to size x size
 (the padded sides are multiples of 32 when `size` is, as an FPN wants), and its boxes follow
-(normalised to the padded canvas). Objects that detectors do not train on are dropped: COCO's
-crowd regions (`is_crowd`, as detectron2's mapper does) and VOC's `is_difficult` ones (as
-py-faster-rcnn's `use_diff=False`). Which TFDS datasets carry what (TFDS 4.9):
+(normalised to the padded canvas). Objects that detectors do not train on, COCO's crowd
+regions (`is_crowd`: detectron2's mapper drops them) and VOC's `is_difficult` ones (as
+py-faster-rcnn's `use_diff=False`), are not in `objects` but in `ignored_objects`: the
+benchmarks' evaluations ignore them (COCOeval's iscrowd regions, the VOC devkit's difficult
+objects; `zoo.detection.task`). Each example says how it was resized (`image/scale`) and the
+objects keep their annotated areas in original-image pixels (`area`: COCO's small / medium /
+large ranges are defined on them, not on the resized boxes).
 
-- `coco/2017`: boxes and 80 category labels (0..79, TFDS's order = `COCO_CLASSES`); no masks.
+VOC's boxes are 1-based pixel indices that include both ends (the devkit's xmin..xmax, which
+TFDS divides by the image size unchanged); they become pixel-edge boxes here, (xmin - 1,
+ymin - 1, xmax, ymax), as detectron2's VOC loader makes them, so that a box's width is the
+devkit's xmax - xmin + 1 and IoUs on the canvas are the devkit's. Which TFDS datasets carry
+what (TFDS 4.9):
+
+- `coco/2017`: boxes and 80 category labels (0..79, TFDS's order = `COCO_CLASSES`), areas; no
+  masks. TFDS stores `area` as int64 (the annotation files' are floats, so an area within 1 of
+  32^2 or 96^2 may fall on the other side of a range boundary than in COCOeval).
 - `coco/2017_panoptic`: COCO 2017's panoptic segmentation (the same 118k / 5k images), read
   as boxes, the same 80 labels and instance masks (`objects["mask"]`). Its 133 classes are the
   80 "thing" classes, named exactly as coco/2017's, and 53 "stuff" ones; thing segments
-  become objects (labels mapped by name to coco/2017's 0..79), stuff and crowd segments are
-  dropped. A segment's mask is (segment id map == its id), the id map being `panoptic_image`
+  become objects (labels mapped by name to coco/2017's 0..79), crowd thing segments ignored
+  objects, stuff segments are dropped. A segment's mask is (segment id map == its id), the id map being `panoptic_image`
   decoded as R + 256 G + 256^2 B, resized nearest-neighbour to the image's place on the canvas.
   CAUTION: panoptic segments never overlap (every pixel belongs to at most one segment),
   whereas COCO's instance annotations (`instances_*2017.json`, which TFDS does not carry) may
@@ -22,9 +34,9 @@ py-faster-rcnn's `use_diff=False`). Which TFDS datasets carry what (TFDS 4.9):
   its box is the tight box of that segment. These masks are therefore COCO panoptic's thing
   segments, not COCO's instance masks: mask AP evaluated against them (and box AP against
   their boxes) is comparable to, but NOT, the official COCO instance-segmentation AP.
-- `voc/2007`, `voc/2012`: boxes and 20 labels, difficult flags.
+- `voc/2007`, `voc/2012`: boxes and 20 labels, difficult flags; no areas.
 
-Besides `objects`, an example keeps `image/filename` and `image/id` when the raw one has them,
+Besides `objects`, `ignored_objects` and `image/scale`, an example keeps `image/filename` and `image/id` when the raw one has them,
 and `proposals` ((n, 4) float32 normalised (ymin, xmin, ymax, xmax), e.g. from
 `zoo.data.proposal_files.ProposalSource`) resized with the image as the boxes are.
 
@@ -40,7 +52,8 @@ from zoo.data.segmentation_sources import as_rgb
 
 DEFAULT_SIZE = 800
 
-# dataset name (without config) -> the per-object flag of objects to drop, and the class count
+# dataset name (without config) -> the per-object flag of the objects evaluation ignores, and
+# the class count
 DATASETS = {"coco": ("is_crowd", 80), "voc": ("is_difficult", 20)}
 
 # COCO 2017's 80 detection classes in TFDS coco/2017's label order (the categories of
@@ -140,10 +153,13 @@ class DetectionSource:
   """A TFDS data source of a dataset in `DATASETS`, as size x size images with their objects.
 
   `source[i]` is {"image": (size, size, 3) uint8, "objects": {"bbox": (n, 4) float32
-  normalised (ymin, xmin, ymax, xmax) on the padded canvas, "label": (n,) int64}, "id": i},
-  plus "objects"["mask"] (n, size, size) bool for COCO panoptic examples (module doc), and
-  "proposals" (m, 4) float32 (normalised on the canvas like "bbox"), "image/filename",
-  "image/id" when the raw example has them.
+  normalised (ymin, xmin, ymax, xmax) on the padded canvas, "label": (n,) int64},
+  "ignored_objects": the same for the crowd (COCO) or difficult (VOC) objects, "image/scale":
+  (2,) float32 canvas pixels per original-image pixel along (y, x), "id": i}, plus
+  "objects"["area"] (n,) float32 annotated areas in original-image pixels when the raw
+  example has them (COCO), ["mask"] (n, size, size) bool in both object sets for COCO
+  panoptic examples (module doc), and "proposals" (m, 4) float32 (normalised on the canvas
+  like "bbox"), "image/filename", "image/id" when the raw example has them.
 
   Args:
     source: a random-access source of TFDS examples (`len`, `[i]`).
@@ -162,7 +178,7 @@ class DetectionSource:
       raise ValueError(f"size must be a positive multiple of 32 (the FPN's coarsest stride), "
                        f"got {size!r}.")
     self.source, self.dataset, self.size = source, dataset, size
-    self.drop_flag, self.num_classes = DATASETS[dataset]
+    self.ignore_flag, self.num_classes = DATASETS[dataset]
     if panoptic_names is None:
       panoptic_names = _source_panoptic_names(source)
     self.thing_labels = None if panoptic_names is None else panoptic_thing_labels(panoptic_names)
@@ -176,11 +192,16 @@ class DetectionSource:
     canvas, fy, fx = resize_longer_and_pad(image, self.size)
     scale = np.array([fy, fx, fy, fx], np.float32)
     if "panoptic_objects" in example:
-      objects = self._panoptic_objects(example, image.shape[:2], index)
+      objects, ignored = self._panoptic_objects(example, image.shape[:2], index)
     else:
-      objects = self._objects(example["objects"])
+      objects, ignored = self._objects(example["objects"], image.shape[:2])
     objects["bbox"] = objects["bbox"] * scale
-    out = {"image": canvas, "objects": objects, "id": np.int64(index)}
+    ignored["bbox"] = ignored["bbox"] * scale
+    # Canvas pixels per original pixel: the normalised scale times size / original side.
+    pixels = np.array([fy * self.size / image.shape[0], fx * self.size / image.shape[1]],
+                      np.float32)
+    out = {"image": canvas, "objects": objects, "ignored_objects": ignored,
+           "image/scale": pixels, "id": np.int64(index)}
     if "proposals" in example:
       out["proposals"] = np.asarray(example["proposals"], np.float32).reshape(-1, 4) * scale
     for key in ("image/filename", "image/id"):
@@ -188,19 +209,30 @@ class DetectionSource:
         out[key] = example[key]
     return out
 
-  def _objects(self, objects: dict) -> dict:
-    """The kept objects' boxes (normalised on the original image) and labels."""
+  def _objects(self, objects: dict, image_shape: tuple[int, int]) -> tuple[dict, dict]:
+    """The objects and the ignored objects: boxes (normalised on the original image), labels,
+    and the objects' areas where the dataset has them."""
     boxes = np.asarray(objects["bbox"], np.float32).reshape(-1, 4)
     labels = np.asarray(objects["label"], np.int64).reshape(-1)
-    drop = np.asarray(objects[self.drop_flag], bool).reshape(-1)
+    ignore = np.asarray(objects[self.ignore_flag], bool).reshape(-1)
+    fields = {"bbox": boxes, "label": labels}
+    if "area" in objects:
+      fields["area"] = np.asarray(objects["area"], np.float32).reshape(-1)
     # Real examples have one entry per object in every field; TFDS's mock data draws each
     # field's length independently, so take the objects all fields describe.
-    n = min(len(boxes), len(labels), len(drop))
-    keep = ~drop[:n]
-    return {"bbox": boxes[:n][keep], "label": labels[:n][keep]}
+    n = min(len(ignore), *(len(v) for v in fields.values()))
+    fields, ignore = {k: v[:n] for k, v in fields.items()}, ignore[:n]
+    if self.dataset == "voc":  # 1-based, both ends included -> pixel edges (module doc)
+      height, width = image_shape
+      corner = np.maximum(fields["bbox"][:, :2] - np.array([1 / height, 1 / width], np.float32), 0)
+      fields["bbox"] = np.concatenate([corner, fields["bbox"][:, 2:]], 1)
+    ignored = {"bbox": fields["bbox"][ignore], "label": fields["label"][ignore]}
+    return {k: v[~ignore] for k, v in fields.items()}, ignored
 
-  def _panoptic_objects(self, example: dict, image_shape: tuple[int, int], index: int) -> dict:
-    """The non-crowd thing segments as objects: boxes, coco/2017 labels, canvas masks."""
+  def _panoptic_objects(self, example: dict, image_shape: tuple[int, int],
+                        index: int) -> tuple[dict, dict]:
+    """The thing segments as objects (non-crowd, with their areas) and ignored objects
+    (crowd): boxes, coco/2017 labels, canvas masks."""
     if self.thing_labels is None:
       raise ValueError("A COCO panoptic example, but no panoptic class names: pass "
                        "DetectionSource(..., panoptic_names=) or a TFDS source with dataset_info.")
@@ -209,14 +241,21 @@ class DetectionSource:
     labels = np.asarray(objects["label"], np.int64).reshape(-1)
     crowd = np.asarray(objects["is_crowd"], bool).reshape(-1)
     ids = np.asarray(objects["id"], np.int64).reshape(-1)
-    n = min(len(boxes), len(labels), len(crowd), len(ids))  # Mock data: as in _objects.
+    areas = np.asarray(objects.get("area", np.zeros(len(ids))), np.float32).reshape(-1)
+    n = min(len(boxes), len(labels), len(crowd), len(ids), len(areas))  # Mock data: as in _objects.
     labels = self.thing_labels[labels[:n]]
-    keep = (labels >= 0) & ~crowd[:n]
     segments = panoptic_segment_ids(example["panoptic_image"])
     if segments.shape != tuple(image_shape):
       raise ValueError(f"Example {index}: panoptic_image is {segments.shape[0]}x{segments.shape[1]}"
                        f" but the image {image_shape[0]}x{image_shape[1]}.")
     # Resizing the id map once and comparing equals resizing each segment's mask (nearest).
     segments = resize_nearest_and_pad(segments, self.size)
-    masks = segments[None] == ids[:n][keep][:, None, None]
-    return {"bbox": boxes[:n][keep], "label": labels[keep], "mask": masks}
+
+    def select(keep):
+      return {"bbox": boxes[:n][keep], "label": labels[keep],
+              "mask": segments[None] == ids[:n][keep][:, None, None]}
+
+    things, ignored = select((labels >= 0) & ~crowd[:n]), select((labels >= 0) & crowd[:n])
+    if "area" in objects:
+      things["area"] = areas[:n][(labels >= 0) & ~crowd[:n]]
+    return things, ignored

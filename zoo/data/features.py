@@ -47,6 +47,22 @@ H, W the source's canvas and M, P, T the `Layout`'s max_objects, max_proposals, 
   frames_lengths:  () int32, t (0 on eval padding).
   frames_mask:     (T,) bool, True on the t real frames.
 
+and for evaluating detections as the benchmarks do (`zoo.detection.task`), from a detection
+source's `ignored_objects` and `image/scale` (zoo.data.detection_sources; a source without
+them, such as the digit canvases, has no ignored objects and scale 1):
+
+  ignored_boxes:   (M, 4) float32 (x1, y1, x2, y2) pixels of the objects evaluation ignores
+                   (COCO's crowd regions, VOC's difficult objects); 0 where not valid.
+  ignored_labels:  (M,) int32 their classes; -1 where not valid.
+  ignored_masks:   (M, H, W) bool their masks (COCO panoptic's crowd segments); False where
+                   not valid.
+  ignored_valid:   (M,) bool; added whenever ignored_boxes, _labels or _masks are asked for.
+  areas:           (M,) float32 the objects' annotated areas in original-image pixels (COCO's
+                   `area`, which its small / medium / large ranges read); -1 where the source
+                   has none.
+  image_scale:     (2,) float32 canvas pixels per original-image pixel along (y, x).
+  Augmentations leave areas and image_scale as they are (evaluation data is not augmented).
+
 Pixels a translation or zoom uncovers: images the mean colour of their border (per frame),
 label maps the background class 0, masks False, flow / depth / disparity / normals 0
 (unknown). A zoom by s resamples images, image2, frames and flow bilinearly and the rest by
@@ -434,6 +450,76 @@ register(
               decode_lazily=True),
 )
 
+
+def _ignored_objects(example: dict, layout: Layout) -> dict:
+  """The example's `ignored_objects` (none when it has no such entry), at most max_objects."""
+  ignored = example.get("ignored_objects", {"label": np.zeros(0, np.int64)})
+  num = len(ignored["label"])
+  if num > layout.max_objects:
+    raise ValueError(f"Example {_example_id(example)} has {num} ignored objects (crowd or "
+                     f"difficult), more than max_objects={layout.max_objects}; raise it "
+                     f"(--config.data.max_objects={num} or more).")
+  return ignored
+
+
+def _ignored_boxes(example, layout):
+  ignored = _ignored_objects(example, layout)
+  if not len(ignored["label"]):
+    return np.zeros((0, 4), np.float32)
+  height, width = layout.canvas_shape
+  ymin, xmin, ymax, xmax = np.asarray(ignored["bbox"], np.float32).reshape(-1, 4).T
+  return np.stack([xmin * width, ymin * height, xmax * width, ymax * height], -1)
+
+
+def _ignored_labels(example, layout):
+  return np.asarray(_ignored_objects(example, layout)["label"], np.int32).reshape(-1)
+
+
+def _ignored_masks(example, layout):
+  ignored = _ignored_objects(example, layout)
+  num = len(ignored["label"])
+  if num and "mask" not in ignored:
+    raise ValueError(f"Example {_example_id(example)} has ignored objects without masks; mask "
+                     "evaluation needs a source with instance masks (coco/2017_panoptic).")
+  if not num:
+    return np.zeros((0, *layout.canvas_shape), bool)
+  return np.asarray(ignored["mask"], bool).reshape(num, *layout.canvas_shape)
+
+
+def _ignored_valid(example, layout):
+  return np.arange(layout.max_objects) < len(_ignored_objects(example, layout)["label"])
+
+
+def _areas(example, layout):
+  objects, num = example["objects"], _num_objects(example, layout)
+  if "area" not in objects:
+    return np.full(num, -1, np.float32)
+  return np.asarray(objects["area"][:num], np.float32).reshape(num)
+
+
+def _image_scale(example, layout):
+  return np.asarray(example.get("image/scale", (1.0, 1.0)), np.float32).reshape(2)
+
+
+_IGNORED = ("ignored_valid",)
+# Sources without ignored objects, areas or a scale (the digit canvases) have none, -1 and 1:
+# these features read an entry every detection example has, and the optional ones beside it.
+register(
+    Feature("ignored_boxes", np.float32, lambda layout: (layout.max_objects, 4), _ignored_boxes,
+            ("objects", "label"), geometry=Boxes(), companions=_IGNORED),
+    Feature("ignored_labels", np.int32, lambda layout: (layout.max_objects,), _ignored_labels,
+            ("objects", "label"), padding=-1, companions=_IGNORED),
+    Feature("ignored_masks", np.bool_, lambda layout: (layout.max_objects, *layout.canvas_shape),
+            _ignored_masks, ("objects", "label"), padding=False,
+            geometry=PixelMap(axes=(1, 2), fill=False), companions=_IGNORED),
+    Feature("ignored_valid", np.bool_, lambda layout: (layout.max_objects,), _ignored_valid,
+            ("objects", "label"), padding=False,
+            geometry=Validity(evidence=("ignored_masks", "ignored_boxes"))),
+    Feature("areas", np.float32, lambda layout: (layout.max_objects,), _areas,
+            ("objects", "label"), padding=-1, companions=_OBJECTS),
+    Feature("image_scale", np.float32, lambda layout: (2,), _image_scale, ("image",),
+            padding=1),
+)
 
 def _border_mean(x: np.ndarray, axes: tuple[int, int]) -> np.ndarray:
   """The mean of `x`'s border pixels over `axes`, shaped to broadcast against `x`."""
