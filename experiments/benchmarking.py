@@ -19,6 +19,8 @@ JSON request a line on stdin; `serve`, the script's main loop, answers on stdout
 to XLA in one process, PyTorch was found starved of threads (both size their thread pools to
 the cores). A peer's rows are `Timed` on its side and `PeerRow`s here, so they take their
 turns in `alternate` with ours; arrays travel as .npz files whose paths the requests name.
+On a GPU both processes hold device memory at once: JAX preallocates 75% of it (unless
+XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise) and the peer has the rest.
 
 The floor of a computation is the time this device cannot beat: bytes / bandwidth for a
 memory-bound op (`bandwidth_gbs`), FLOPs / peak for a compute-bound step (`peak_gflops`);
