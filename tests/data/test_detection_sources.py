@@ -1,7 +1,8 @@
 """Real detection datasets through TFDS (offline, `tfds.testing.mock_data`): VOC 2007 and 2012,
 COCO 2017 and COCO 2017 panoptic resized and padded to a fixed size, difficult / crowd objects
-kept apart as ignored objects, stuff dropped, VOC's 1-based boxes as pixel edges, batched by the ordinary pipeline with boxes in pixels (and instance masks from
-the panoptic segments); the mappings, the resizing and the panoptic masks on hand-made examples.
+kept apart as ignored objects, stuff dropped, VOC's 1-based boxes as pixel edges, batched by the
+ordinary pipeline with boxes in pixels (and instance masks from the panoptic segments); the
+mappings, the resizing and the panoptic masks on hand-made examples.
 
 TFDS's `coco` builder names `tf.int64` in `_info` (its only TensorFlow use when constructed,
 TFDS 4.9), and the zoo does not install TensorFlow: the `coco_without_tensorflow` fixture puts

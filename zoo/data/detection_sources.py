@@ -25,8 +25,9 @@ what (TFDS 4.9):
   as boxes, the same 80 labels and instance masks (`objects["mask"]`). Its 133 classes are the
   80 "thing" classes, named exactly as coco/2017's, and 53 "stuff" ones; thing segments
   become objects (labels mapped by name to coco/2017's 0..79), crowd thing segments ignored
-  objects, stuff segments are dropped. A segment's mask is (segment id map == its id), the id map being `panoptic_image`
-  decoded as R + 256 G + 256^2 B, resized nearest-neighbour to the image's place on the canvas.
+  objects, stuff segments are dropped. A segment's mask is (segment id map == its id), the id
+  map being `panoptic_image` decoded as R + 256 G + 256^2 B, resized nearest-neighbour to the
+  image's place on the canvas.
   CAUTION: panoptic segments never overlap (every pixel belongs to at most one segment),
   whereas COCO's instance annotations (`instances_*2017.json`, which TFDS does not carry) may
   overlap. The panoptic release derived its thing segments from the instance annotations with
@@ -36,9 +37,10 @@ what (TFDS 4.9):
   their boxes) is comparable to, but NOT, the official COCO instance-segmentation AP.
 - `voc/2007`, `voc/2012`: boxes and 20 labels, difficult flags; no areas.
 
-Besides `objects`, `ignored_objects` and `image/scale`, an example keeps `image/filename` and `image/id` when the raw one has them,
-and `proposals` ((n, 4) float32 normalised (ymin, xmin, ymax, xmax), e.g. from
-`zoo.data.proposal_files.ProposalSource`) resized with the image as the boxes are.
+Besides `objects`, `ignored_objects` and `image/scale`, an example keeps `image/filename` and
+`image/id` when the raw one has them, and `proposals` ((n, 4) float32 normalised (ymin, xmin,
+ymax, xmax), e.g. from `zoo.data.proposal_files.ProposalSource`) resized with the image as the
+boxes are.
 
     source = zoo.data.load_data_source("coco/2017", "train")            # a DetectionSource
     source = zoo.data.load_data_source("coco/2017_panoptic", "train")   # ... with masks

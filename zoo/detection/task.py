@@ -93,8 +93,8 @@ class Detection(Task):
 
   @property
   def features(self):
-    return (("image",) + self._targets + (("proposals", "proposals_valid") if self.proposals else ())
-            + self._evaluated)
+    proposals = ("proposals", "proposals_valid") if self.proposals else ()
+    return ("image",) + self._targets + proposals + self._evaluated
 
   def model_inputs(self, batch, *, train):
     inputs = {"images": batch["image"]}
