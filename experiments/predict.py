@@ -3,8 +3,10 @@ r"""Writes PNGs of a trained model's predictions beside the ground truth, for a 
     python -m experiments.predict --workdir=runs/unet --split=test --num_images=16
 
 Each file `<output_dir>/<split>_<index>.png` shows what the config's task draws
-(`task.draw`): the image | ground truth | prediction (segmentation: class colours; detection:
-boxes, labels, scores and instance masks; classification: the classes present and predicted).
+(`task.draw`): the image | ground truth | prediction (segmentation: class colours and a legend
+naming them; detection: boxes, class names, scores and instance masks; classification: the
+classes present and predicted, and a legend). A relative --workdir is relative to the current
+directory, as in experiments.train.
 """
 
 import os

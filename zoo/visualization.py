@@ -68,6 +68,42 @@ def to_uint8(image):
   return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
+def class_name(class_id: int, class_names=None) -> str:
+  """`class_names[class_id]`, or the id as text when there are no names for it."""
+  class_id = int(class_id)
+  if class_names is not None and 0 <= class_id < len(class_names):
+    return str(class_names[class_id])
+  return str(class_id)
+
+
+def legend(entries, height: int = 256):
+  """A white panel naming colours: per entry a swatch and its name, in columns of as many rows
+  as `height` holds.
+
+  Args:
+    entries: sequence of (name, (3,) uint8 colour), in the order to list them.
+    height: the panel's height in pixels (that of the panels it stands beside).
+
+  Returns:
+    (height, W, 3) uint8, W from the longest name and the number of columns.
+  """
+  from PIL import Image, ImageDraw  # pillow is only needed for drawing
+
+  row, swatch, margin, char_width = 14, 10, 4, 6  # pixels; PIL's default font is ~6 px wide
+  per_column = max(1, (height - 2 * margin) // row)
+  columns = max(1, -(-len(entries) // per_column))
+  column_width = swatch + 3 * margin + char_width * max([len(n) for n, _ in entries] + [1])
+  picture = Image.new("RGB", (columns * column_width + margin, height), (255, 255, 255))
+  draw = ImageDraw.Draw(picture)
+  for k, (name, colour) in enumerate(entries):
+    x = margin + (k // per_column) * column_width
+    y = margin + (k % per_column) * row
+    draw.rectangle([x, y, x + swatch - 1, y + swatch - 1], fill=tuple(int(v) for v in colour),
+                   outline=(0, 0, 0))
+    draw.text((x + swatch + margin, y - 1), name, fill=(0, 0, 0))
+  return np.asarray(picture)
+
+
 def draw_detections(image, boxes, classes, valid, scores=None, masks=None, scale: int = 4,
                     class_names=None, alpha: float = 0.5):
   """Boxes, class labels (and scores) and instance masks drawn on an enlarged image.
@@ -100,7 +136,7 @@ def draw_detections(image, boxes, classes, valid, scores=None, masks=None, scale
     x1, y1, x2, y2 = (float(v) * scale for v in boxes[d])
     colour = tuple(int(v) for v in colours[d])
     draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=colour, width=2)
-    name = class_names[int(classes[d])] if class_names is not None else str(int(classes[d]))
+    name = class_name(classes[d], class_names)
     text = name if scores is None else f"{name} {float(scores[d]):.2f}"
     draw.text((x1 + 2, y1 + 1), text, fill=colour)
   return np.asarray(picture)

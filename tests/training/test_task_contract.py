@@ -20,9 +20,9 @@ import pytest
 from experiments.configs import unet as unet_config
 from zoo import training, visualization
 from zoo.registry import register_model
-from zoo.training import summaries
 from zoo.training import task as task_lib
 from zoo.training.task import SumEvaluator, Task, register_task
+from tests.training import logged
 
 DATASET = "digit_canvases/tiny"
 
@@ -125,12 +125,6 @@ def config_for(model_name, task, data_dir, total_steps=30):
   return config
 
 
-def training_losses(workdir):
-  """The logged training losses, in step order."""
-  losses = summaries.read_scalars(workdir, "train")["loss"]
-  return [losses[k] for k in sorted(losses)]
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
@@ -157,7 +151,7 @@ def test_image_pair_model_trains_through_the_trainer(data_dir, tmp_path):
                       total_steps=80)
   workdir = str(tmp_path / "pair")
   results = training.train_and_evaluate(config, workdir)
-  losses = training_losses(workdir)
+  losses = logged.training_losses(workdir)
   print("pair losses", losses[:3], "...", losses[-3:], "results", results)
   assert len(losses) == config.total_steps and np.all(np.isfinite(losses))
   assert np.mean(losses[-20:]) < 0.7 * np.mean(losses[:20])
@@ -179,7 +173,7 @@ def test_composite_task_reports_both_heads_from_one_evaluation(data_dir, tmp_pat
   config = config_for("test_segment_and_classify", task, data_dir)
   workdir = str(tmp_path / "multitask")
   results = training.train_and_evaluate(config, workdir)
-  losses = training_losses(workdir)
+  losses = logged.training_losses(workdir)
   print("multitask losses", losses[:3], "...", losses[-3:], "results", results)
   assert np.all(np.isfinite(losses)) and np.mean(losses[-5:]) < np.mean(losses[:5])
   metrics = results["validation"]
@@ -205,3 +199,54 @@ def test_multitask_rejects_weights_of_unknown_heads():
         "name": "multitask", "tasks": {"classes": {"name": "multi_label_classification",
                                                    "num_classes": 10}},
         "weights": {"clases": 1.0}}))
+
+
+def test_every_family_task_checks_its_labels():
+  """`check_batch` names the data's label range and the field to change; in-range labels,
+  ignored pixels and padding objects pass."""
+  segmentation = task_lib.create_task(ml_collections.ConfigDict(
+      {"name": "semantic_segmentation", "num_classes": 5}))
+  pixels = np.array([[[0, 4], [255, 3]]])
+  segmentation.check_batch({"segmentation": pixels})
+  with pytest.raises(ValueError, match=r"segmentation labels \(ignore label 255 aside\) range over "
+                     r"\[0, 7\], but num_classes=5 .*--config.model.num_classes .*8 or more"):
+    segmentation.check_batch({"segmentation": np.where(pixels == 3, 7, pixels)})
+
+  objects = {"labels": np.array([[2, 9, 0]]), "objects_valid": np.array([[True, False, False]])}
+  for name in ("multi_label_classification", "detection"):
+    task = task_lib.create_task(ml_collections.ConfigDict({"name": name, "num_classes": 3}))
+    task.check_batch(objects)  # 9 is padding
+    with pytest.raises(ValueError, match=r"object labels range over \[2, 9\], but num_classes=3"):
+      task.check_batch(dict(objects, objects_valid=np.array([[True, True, False]])))
+
+  both = task_lib.create_task(ml_collections.ConfigDict({"name": "multitask", "tasks": {
+      "segmentation": {"name": "semantic_segmentation", "num_classes": 11},
+      "classes": {"name": "multi_label_classification", "num_classes": 3}}}))
+  with pytest.raises(ValueError, match="object labels range over"):
+    both.check_batch(dict(objects, segmentation=pixels, objects_valid=np.ones((1, 3), bool)))
+
+
+def test_task_config_fields_are_checked():
+  with pytest.raises(ValueError, match=r"task.classes is not a field of task "
+                     r"'multi_label_classification'; it takes: num_classes"):
+    task_lib.create_task(ml_collections.ConfigDict({"name": "multi_label_classification",
+                                                    "classes": 3}))
+  with pytest.raises(ValueError, match="needs task.num_classes"):
+    task_lib.create_task(ml_collections.ConfigDict({"name": "semantic_segmentation"}))
+
+
+def test_segmentation_drawing_names_the_classes_drawn():
+  task = task_lib.create_task(ml_collections.ConfigDict(
+      {"name": "semantic_segmentation", "num_classes": 11}))
+  target = np.zeros((1, 16, 16), np.int32)  # Panels 64 pixels tall: the legend has 4 rows.
+  target[0, :4] = 3
+  prediction = np.zeros((1, 16, 16), np.int32)
+  prediction[0, 4:] = 5
+  batch = {"image": np.full((1, 16, 16, 3), 0.5, np.float32), "segmentation": target}
+  panels = task.draw(batch, prediction, 0, class_names=[f"class {c}" for c in range(11)])
+  assert len(panels) == 4 and len({p.shape[0] for p in panels}) == 1
+  legend = panels[-1]
+  # One swatch per class drawn (3 and 5, not the uncoloured 0), in the overlay's colours.
+  for row, colour in enumerate(visualization.colorize(np.array([3, 5]))):
+    assert np.all(legend[4 + 14 * row + 5, 4 + 5] == colour)
+  assert np.all(legend[4 + 14 * 2 + 5] == 255)

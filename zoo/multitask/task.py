@@ -69,6 +69,10 @@ class MultiTask(Task):
         inputs[key] = value
     return inputs
 
+  def check_batch(self, batch):
+    for task in self.tasks.values():
+      task.check_batch(batch)
+
   def loss(self, outputs, batch):
     total, metrics = 0.0, {}
     for head, task in self.tasks.items():

@@ -8,7 +8,8 @@ from zoo import metrics as zoo_metrics
 from zoo import visualization
 from zoo.data import IGNORE_LABEL
 from zoo.layers import center_crop
-from zoo.training.task import SumEvaluator, Task, register_task
+from zoo.training.task import (SumEvaluator, Task, check_class_count, check_labels,
+                               register_task)
 
 
 @register_task("semantic_segmentation")
@@ -41,7 +42,14 @@ class SemanticSegmentation(Task):
     del train
     return {"images": batch["image"]}
 
+  def check_batch(self, batch):
+    """Labels must lie in [0, num_classes) or be `ignore_label` (ValueError otherwise)."""
+    labels = np.asarray(batch[self.key])
+    check_labels(labels[labels != self.ignore_label], self.num_classes,
+                 what=f"{self.key} labels (ignore label {self.ignore_label} aside)")
+
   def _targets(self, logits, batch):
+    check_class_count(logits, self.num_classes)
     return center_crop(batch[self.key], logits.shape[1:3])
 
   def loss(self, logits, batch):
@@ -82,10 +90,15 @@ class SemanticSegmentation(Task):
 
   def draw(self, batch, predictions, index, class_names=None):
     """image | ground truth | prediction, enlarged 4x (a VALID-padding model predicts only
-    the centre: the uncovered border is drawn grey)."""
-    del class_names  # colours say the class
+    the centre: the uncovered border is drawn grey) | a legend naming the colours of the
+    classes drawn (those in the ground truth or the prediction; class 0 is left uncoloured)."""
     image, target = batch["image"][index], batch[self.key][index]
     prediction = visualization.pad_to_center(np.asarray(predictions)[index], target.shape)
     panels = [visualization.to_uint8(image), visualization.overlay(image, target),
               visualization.overlay(image, prediction)]
-    return [visualization.enlarge(p) for p in panels]
+    panels = [visualization.enlarge(p) for p in panels]
+    drawn = np.union1d(np.unique(target), np.unique(prediction))
+    drawn = drawn[(drawn > 0) & (drawn != self.ignore_label)]
+    entries = [(visualization.class_name(c, class_names), colour)
+               for c, colour in zip(drawn, visualization.colorize(drawn))]
+    return panels + [visualization.legend(entries, height=panels[0].shape[0])]

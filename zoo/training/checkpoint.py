@@ -7,6 +7,8 @@ step into a temporary directory and renames it when complete, so a crash mid-sav
 the previous checkpoint intact and the half-written one is ignored.
 """
 
+import os
+
 import jax
 import orbax.checkpoint as ocp
 from grain import checkpoint as grain_checkpoint
@@ -16,8 +18,12 @@ class Checkpointer:
   """Saves every `save_every` steps into `directory`, keeping the newest `keep`."""
 
   def __init__(self, directory: str, *, save_every: int, keep: int, read_only: bool = False):
-    options = ocp.CheckpointManagerOptions( max_to_keep=keep, create=not read_only,
-        read_only=read_only, cleanup_tmp_directories=not read_only)
+    # Orbax wants an absolute path (a relative --workdir fails at restore otherwise); read-only
+    # managers save nothing and delete nothing (said explicitly, Orbax warns otherwise).
+    directory = os.path.abspath(os.path.expanduser(directory))
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
+        create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
     self.directory = directory
     self.save_every = save_every
     self._manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
@@ -28,14 +34,18 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
+  def is_due(self, step: int, *, force: bool = False) -> bool:
+    """Whether `save(step, ..., force=force)` would write a checkpoint."""
+    # The schedule is decided here, not by Orbax's policies (which also save the first step).
+    return (force or step % self.save_every == 0) and step != self.latest_step()
+
   def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
     """Saves if `step` is due (or `force`); returns whether a save started.
 
     The device-to-host copy happens before this returns, so `state` may be donated to
     the next step; the files are written in the background until `wait()`.
     """
-    # The schedule is decided here, not by Orbax's policies (which also save the first step).
-    if not (force or step % self.save_every == 0) or step == self.latest_step():
+    if not self.is_due(step, force=force):
       return False
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=grain_checkpoint.CheckpointSave(data_iterator))

@@ -3,9 +3,14 @@
     config.optimizer = dict(name="adam", learning_rate=1e-3, schedule="cosine",
                             warmup_steps=100, weight_decay=0.0, momentum=0.9,
                             grad_clip_norm=1.0)
+
+`name` and `learning_rate` are required; the other fields default as in
+`zoo.training.run_config.FIELDS["optimizer"]`, and any other field is a ValueError.
 """
 
 import optax
+
+from zoo.training import run_config
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -13,9 +18,8 @@ SCHEDULES = ("constant", "cosine", "linear")
 
 def make_schedule(optimizer_config, total_steps: int) -> optax.Schedule:
   """Linear warm-up from 0 over `warmup_steps`, then the named decay to 0 at `total_steps`."""
-  peak = optimizer_config.learning_rate
-  warmup = optimizer_config.get("warmup_steps", 0)
-  name = optimizer_config.get("schedule", "constant")
+  fields = run_config.section(optimizer_config, "optimizer")
+  peak, warmup, name = fields["learning_rate"], fields["warmup_steps"], fields["schedule"]
   decay_steps = max(total_steps - warmup, 1)
   if name == "constant":
     decay = optax.constant_schedule(peak)
@@ -33,12 +37,12 @@ def make_schedule(optimizer_config, total_steps: int) -> optax.Schedule:
 def make_optimizer(optimizer_config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns (optimizer, learning-rate schedule) with optional global-norm gradient clipping."""
   schedule = make_schedule(optimizer_config, total_steps)
-  name = optimizer_config.name
-  weight_decay = optimizer_config.get("weight_decay", 0.0)
+  fields = run_config.section(optimizer_config, "optimizer")
+  name, weight_decay = fields["name"], fields["weight_decay"]
   if name == "sgd":
     optimizer = optax.sgd(schedule)
   elif name == "momentum":
-    optimizer = optax.sgd(schedule, momentum=optimizer_config.get("momentum", 0.9), nesterov=False)
+    optimizer = optax.sgd(schedule, momentum=fields["momentum"], nesterov=False)
   elif name == "adam":
     optimizer = optax.adam(schedule)
   elif name == "adamw":
@@ -48,7 +52,7 @@ def make_optimizer(optimizer_config, total_steps: int) -> tuple[optax.GradientTr
   if name != "adamw" and weight_decay:
     # Coupled L2 decay, as in the SGD recipes of the detection and segmentation papers.
     optimizer = optax.chain(optax.add_decayed_weights(weight_decay), optimizer)
-  clip = optimizer_config.get("grad_clip_norm", None)
+  clip = fields["grad_clip_norm"]
   if clip:
     optimizer = optax.chain(optax.clip_by_global_norm(clip), optimizer)
   return optimizer, schedule

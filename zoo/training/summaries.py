@@ -38,7 +38,7 @@ class MetricWriter:
 
 def _format(value) -> str:
   value = float(value)
-  return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+  return f"{value:.0f}" if 1e4 <= abs(value) < 1e12 else f"{value:.4g}"
 
 
 def read_scalars(workdir: str, name: str = "train") -> dict[str, dict[int, float]]:

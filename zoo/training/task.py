@@ -6,6 +6,9 @@ model. Methods that the trainer jits (`model_inputs`, `loss`, `eval_outputs`, `p
 are pure jax.numpy on static shapes; evaluators and drawing run on the host in NumPy.
 
     features                          the batch keys the task needs (the pipeline decodes only these)
+    check_batch(batch)                raises ValueError if a host batch cannot be this task's data
+                                         (labels outside the classes): the trainer asks before
+                                         the first step, since such labels train on silently
     model_inputs(batch, train=)       -> {keyword: array} for model.apply: one image, an image
                                          pair, an exemplar and a search frame, a sequence and
                                          its mask, ground truth a detector samples against ...
@@ -33,6 +36,7 @@ config imports only its own family.
 
 import abc
 import importlib
+import inspect
 from typing import Any, Callable, Sequence
 
 import jax
@@ -119,6 +123,14 @@ class Task(abc.ABC):
     size: the image, ground truth, prediction. `class_names` are indexed by the model's
     class ids (None: the ids)."""
 
+  def check_batch(self, batch: dict) -> None:
+    """Raises ValueError, naming the data's values and the config field to change, if a host
+    batch (NumPy, as the pipeline gives it) holds what this task cannot train on, e.g. labels
+    outside [0, num_classes): under jit those give a NaN loss or a silently wrong one-hot
+    target instead of an error. The trainer calls it on the first training batch. Default:
+    no check."""
+    del batch
+
   def eval_outputs(self, outputs, batch: dict):
     """What leaves the device for `evaluator().update` (jitted). Default: the outputs."""
     del batch
@@ -128,6 +140,27 @@ class Task(abc.ABC):
     """What `draw` draws (jitted). Default: the outputs."""
     del batch
     return outputs
+
+
+def check_labels(labels, num_classes: int, what: str = "object labels"):
+  """Raises ValueError unless every one of `labels` (NumPy, any shape, only the labels that
+  count: valid objects, pixels not ignored) lies in [0, num_classes); the message names the
+  data's label range and the config field to change. `what` names the labels in it."""
+  labels = np.asarray(labels)
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ValueError(
+        f"The data's {what} range over [{labels.min()}, {labels.max()}], but num_classes="
+        f"{num_classes} takes labels in [0, {num_classes}): set --config.model.num_classes (and "
+        f"task.num_classes) to the data's number of classes ({labels.max() + 1} or more here).")
+
+
+def check_class_count(logits, num_classes: int):
+  """Raises ValueError unless `logits` (..., C) has C == `num_classes` (the task's). Runs on
+  static shapes, so inside jit it raises while the first step is traced: a model and a task
+  built with different class counts would otherwise train with out-of-range targets."""
+  if logits.shape[-1] != num_classes:
+    raise ValueError(f"The model outputs {logits.shape[-1]} classes but task.num_classes="
+                     f"{num_classes}: give model.num_classes and task.num_classes the same value.")
 
 
 # name -> the module whose import registers it (imported only when a config names it).
@@ -161,10 +194,22 @@ def task_class(name: str) -> type:
 
 
 def create_task(task_config) -> Task:
-  """Builds the task named by `task_config.name` with the config's other fields."""
+  """Builds the task named by `task_config.name` with the config's other fields.
+
+  Raises:
+    ValueError: for an unknown task, a field the task's constructor does not take, or one it
+      needs and the config lacks; the message lists the accepted fields.
+  """
   cls = task_class(task_config.name)
   kwargs = {k: v for k, v in task_config.items() if k != "name"}
-  try:
-    return cls(**kwargs)
-  except TypeError as e:
-    raise ValueError(f"Bad task config {task_config.to_dict()}: {e}") from None
+  parameters = inspect.signature(cls).parameters
+  accepted = ", ".join(parameters) or "none besides name"
+  unknown = sorted(set(kwargs) - set(parameters))
+  if unknown:
+    raise ValueError(f"task.{unknown[0]} is not a field of task {task_config.name!r}; it takes: "
+                     f"{accepted}.")
+  missing = [name for name, p in parameters.items()
+             if p.default is inspect.Parameter.empty and name not in kwargs]
+  if missing:
+    raise ValueError(f"Task {task_config.name!r} needs task.{missing[0]}; it takes: {accepted}.")
+  return cls(**kwargs)

@@ -7,15 +7,22 @@
 The model is called as `model.apply(variables, **task.model_inputs(batch, train=...), train=...)`
 (zoo.training.task): the trainer knows nothing of images, pairs or sequences.
 
-`train_and_evaluate(config, workdir)` runs the loop: logging with step rate and ETA,
-TensorBoard summaries, checkpoints every `checkpoint_every` steps (and on SIGTERM),
-evaluation every `eval_every` steps and at the end, and resumption from the newest
-checkpoint. The step's random key is `fold_in(key, step)` and the data position is
-checkpointed, so a resumed run reproduces an uninterrupted one exactly.
+`train_and_evaluate(config, workdir)` runs the loop: logging with step rate and ETA (timed
+from the end of the first step, so compilation does not inflate it), TensorBoard summaries,
+checkpoints every `checkpoint_every` steps (and on SIGTERM), evaluation every `eval_every`
+steps and at the end, and resumption from the newest checkpoint (with the same config unless
+allowed: zoo.training.run_config). The step's random key is `fold_in(key, step)` and the data
+position is checkpointed, so a resumed run reproduces an uninterrupted one exactly.
+
+Training never goes on silently wrong: the config's sections accept only the fields they read
+(run_config), the task checks the first batch's labels (`task.check_batch`) before the first
+step, and a non-finite loss or gradient norm (or non-finite parameters at a checkpoint) stops
+the run with `Diverged`, naming the step and the value; no checkpoint is written after it, so
+the newest one holds the last finite state.
 """
 
 import functools
-import json
+import math
 import os
 import signal
 import time
@@ -34,6 +41,7 @@ import zoo
 from zoo.data import load_data_source, pipeline
 from zoo.training import checkpoint as checkpoint_lib
 from zoo.training import mesh as mesh_lib
+from zoo.training import run_config
 from zoo.training.optimizer import make_optimizer
 from zoo.training.summaries import MetricWriter
 from zoo.training.task import Task, create_task
@@ -57,6 +65,11 @@ class TrainState:
 
 class Preempted(Exception):
   """Raised after a SIGTERM: the state was checkpointed and the run can be restarted."""
+
+
+class Diverged(ValueError):
+  """Raised when the loss, the gradient norm or the parameters stop being finite; the newest
+  checkpoint (if any) holds the last finite state."""
 
 
 def create_model(model_config) -> nn.Module:
@@ -124,8 +137,10 @@ class Experiment:
   """A config made concrete: mesh, model, task, optimizer, data and the jitted steps."""
 
   def __init__(self, config: ml_collections.ConfigDict):
+    run_config.check(config)
     self.config = config
-    self.mesh = mesh_lib.make_mesh(config.mesh.num_devices, config.mesh.model_axis_size)
+    mesh = run_config.section(config.mesh, "mesh")
+    self.mesh = mesh_lib.make_mesh(mesh["num_devices"], mesh["model_axis_size"])
     self.model = create_model(config.model)
     self.task = create_task(config.task)
     self.optimizer, self.schedule = make_optimizer(config.optimizer, config.total_steps)
@@ -148,29 +163,30 @@ class Experiment:
     self._predict_step = jax.jit(functools.partial(predict_step, model=self.model, task=self.task),
                                  in_shardings=(replicated, batched), out_shardings=replicated)
 
+  @property
+  def data(self) -> dict:
+    """`config.data` with defaults filled in (run_config.FIELDS["data"])."""
+    return run_config.section(self.config.data, "data")
+
   def data_source(self, split: str):
-    data = self.config.data
-    return load_data_source(data.name, split, data_dir=data.get("data_dir"),
-                            proposals=data.get("proposals"))
+    return load_data_source(self.data["name"], split, data_dir=self.data["data_dir"],
+                            proposals=self.data["proposals"])
 
   def batch_layout(self) -> dict:
     """What a batch holds: the task's `features`, padded to `max_objects`, `max_proposals`
     and `max_length` (sequences)."""
-    data = self.config.data
-    return dict(features=self.task.features, max_objects=data.get("max_objects", 8),
-                max_proposals=data.get("max_proposals", 2000),
-                max_length=data.get("max_length", 16))
+    return dict(features=self.task.features, max_objects=self.data["max_objects"],
+                max_proposals=self.data["max_proposals"], max_length=self.data["max_length"])
 
   def train_iterator(self):
-    data = self.config.data
     return pipeline.train_batches(
-        self.data_source(data.train_split), global_batch_size=self.config.batch_size,
-        seed=self.config.seed, augment=tuple(data.augment), **self.batch_layout())
+        self.data_source(self.data["train_split"]), global_batch_size=self.config.batch_size,
+        seed=self.config.seed, augment=tuple(self.data["augment"]), **self.batch_layout())
 
   def example_inputs(self) -> dict:
     """The model's inputs for one unaugmented training example: parameters are
     initialised from their shapes."""
-    batch = pipeline.example_batch(self.data_source(self.config.data.train_split),
+    batch = pipeline.example_batch(self.data_source(self.data["train_split"]),
                                    **self.batch_layout())
     return self.task.model_inputs(batch, train=False)
 
@@ -241,29 +257,6 @@ def prepare_workdir(workdir: str) -> str:
   return workdir
 
 
-def write_config(config: ml_collections.ConfigDict, workdir: str):
-  if jax.process_index() == 0:
-    _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a training run wrote into `workdir`."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise ValueError(f"{path} does not exist: --workdir must be a directory written by "
-                     "experiments.train, or pass --config.")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def _write_json(path: str, value):
-  """Writes atomically: a reader never sees a half-written file."""
-  temporary = f"{path}.tmp{os.getpid()}"
-  with open(temporary, "w") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-  os.replace(temporary, path)
-
-
 class _SigtermFlag:
   """Records SIGTERM instead of dying, so the loop can checkpoint first."""
 
@@ -296,8 +289,15 @@ def _preemption_requested(flag: _SigtermFlag, step: int) -> bool:
   return flag.received
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False) -> dict:
   """Trains (resuming from the newest checkpoint in `workdir`), then evaluates.
+
+  Args:
+    config: the run's config (experiments/configs).
+    workdir: where checkpoints, summaries, config.json and results.json go.
+    allow_config_change: resume a workdir whose saved config differs from `config` in what is
+      trained (config.json then records the change); otherwise that is a ValueError.
 
   Returns:
     {split: {metric: value}} for `config.final_eval_splits`, also written to
@@ -305,14 +305,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Raises:
     Preempted: after SIGTERM, once the checkpoint of the current step is written.
+    Diverged: when the loss or gradient norm stops being finite (a ValueError).
+    ValueError: for a config the trainer cannot run, labels outside the task's classes, or a
+      resumed workdir whose config differs (unless `allow_config_change`).
   """
   workdir = prepare_workdir(workdir)
   # From here on SIGTERM only sets a flag; the loop checkpoints and stops at the next step.
   with _SigtermFlag() as sigterm:
     experiment = Experiment(config)
-    write_config(config, workdir)
     checkpointer = experiment.checkpointer(workdir)
     try:
+      run_config.write(config, workdir, resumed_at=checkpointer.latest_step(),
+                       allow_changes=allow_config_change)
       state = _train(experiment, checkpointer, workdir, sigterm)
     finally:
       checkpointer.close()
@@ -324,7 +328,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eval_writer.write_scalars(results["step"], _prefixed(results[split], split))
   eval_writer.close()
   if jax.process_index() == 0:
-    _write_json(os.path.join(workdir, "results.json"), results)
+    run_config.write_json(os.path.join(workdir, "results.json"), results)
   return results
 
 
@@ -335,7 +339,7 @@ def initialized_from(state: TrainState, init_from: str) -> TrainState:
   if not os.path.isdir(os.path.join(init_from, "checkpoints")):
     raise ValueError(f"init_from={init_from!r} is not a workdir with checkpoints; pass the "
                      "--workdir of a finished or interrupted run.")
-  source = Experiment(read_config(init_from)).restore(init_from)
+  source = Experiment(run_config.read(init_from)).restore(init_from)
   source = flax.traverse_util.flatten_dict({"params": source.params, **source.model_state})
   copied, kept = [], []
 
@@ -377,34 +381,96 @@ def _train(experiment: Experiment, checkpointer, workdir: str, sigterm: _Sigterm
 
   train_writer = MetricWriter(workdir, "train")
   eval_writer = MetricWriter(workdir, "eval")
-  step = int(state.step)
+  step = first_step = int(state.step)
   total = config.total_steps
-  pending, interval_start, interval_first_step = [], time.perf_counter(), step
-  while step < total:
-    state, metrics = experiment.train_step(state, next(train_iterator))
-    step += 1
-    pending.append(metrics)
-    if step % config.log_every == 0 or step == total:
-      means = {k: np.mean([m[k] for m in jax.device_get(pending)]) for k in pending[0]}
-      rate = (step - interval_first_step) / (time.perf_counter() - interval_start)
-      means["steps_per_second"] = rate
-      eta = (total - step) / rate
-      train_writer.write_scalars(step, means, console_suffix=f" (ETA {eta / 60:.1f} min)")
-      pending, interval_start, interval_first_step = [], time.perf_counter(), step
-    checkpointer.save(step, state, train_iterator, force=step == total)
-    if config.eval_every and step % config.eval_every == 0 and step < total:
-      eval_writer.write_scalars(step, _prefixed(experiment.evaluate(state, config.eval_split),
-                                                config.eval_split))
-      interval_start, interval_first_step = time.perf_counter(), step
-    if step < total and _preemption_requested(sigterm, step):
-      checkpointer.save(step, state, train_iterator, force=True)
-      checkpointer.wait()
-      raise Preempted(f"Stopped at step {step} after SIGTERM; the checkpoint is in {workdir}. "
-                      "Run the same command again to resume.")
-  checkpointer.wait()
-  train_writer.close()
-  eval_writer.close()
+  pending = []  # The metrics of steps step - len(pending) + 1 .. step.
+  interval_start, interval_first_step = time.perf_counter(), step
+  try:
+    while step < total:
+      batch = next(train_iterator)
+      if step == first_step:
+        experiment.task.check_batch(batch)
+      state, metrics = experiment.train_step(state, batch)
+      step += 1
+      pending.append(metrics)
+      if step == first_step + 1:
+        # The first step compiles: rates and ETAs are timed from its end.
+        jax.block_until_ready(metrics)
+        logging.info("Step %d took %.1f s (compilation included); step rates are timed from "
+                     "here.", step, time.perf_counter() - interval_start)
+        interval_start, interval_first_step = time.perf_counter(), step
+      log_due = step % config.log_every == 0 or step == total
+      save_due = checkpointer.is_due(step, force=step == total)
+      eval_due = config.eval_every and step % config.eval_every == 0 and step < total
+      if log_due or save_due or eval_due:
+        pending = _finite_metrics(pending, step, checkpointer, config)
+      if log_due:
+        means = {k: np.mean([m[k] for m in pending]) for k in pending[0]}
+        suffix = ""
+        if step > interval_first_step:
+          rate = (step - interval_first_step) / (time.perf_counter() - interval_start)
+          means["steps_per_second"] = rate
+          suffix = f" (ETA {(total - step) / rate / 60:.1f} min)"
+        train_writer.write_scalars(step, means, console_suffix=suffix)
+        pending, interval_start, interval_first_step = [], time.perf_counter(), step
+      if save_due:
+        _check_finite_state(state, step, checkpointer, config)
+        checkpointer.save(step, state, train_iterator, force=step == total)
+      if eval_due:
+        eval_writer.write_scalars(step, _prefixed(experiment.evaluate(state, config.eval_split),
+                                                  config.eval_split))
+        interval_start, interval_first_step = time.perf_counter(), step
+      if step < total and _preemption_requested(sigterm, step):
+        pending = _finite_metrics(pending, step, checkpointer, config)
+        _check_finite_state(state, step, checkpointer, config)
+        checkpointer.save(step, state, train_iterator, force=True)
+        checkpointer.wait()
+        raise Preempted(f"Stopped at step {step} after SIGTERM; the checkpoint is in {workdir}. "
+                        "Run the same command again to resume.")
+    checkpointer.wait()
+  finally:
+    train_writer.close()
+    eval_writer.close()
   return state
+
+
+def _finite_metrics(pending: list, step: int, checkpointer, config) -> list:
+  """The metrics of steps step - len(pending) + 1 .. step on the host; raises Diverged at the
+  first step whose loss or gradient norm is not finite."""
+  pending = jax.device_get(pending)
+  for offset, metrics in enumerate(pending):
+    for name in ("loss", "grad_norm"):
+      if name in metrics and not math.isfinite(float(metrics[name])):
+        raise _diverged(step - len(pending) + 1 + offset, f"{name}={float(metrics[name])}",
+                        checkpointer, config)
+  return pending
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _check_finite_state(state: TrainState, step: int, checkpointer, config):
+  """Raises Diverged if the parameters or model state of `step` are not all finite, so that
+  no checkpoint holds them."""
+  if not bool(_all_finite((state.params, state.model_state))):
+    raise _diverged(step, "the parameters (or model state) hold non-finite values", checkpointer,
+                    config)
+
+
+def _diverged(step: int, what: str, checkpointer, config) -> Diverged:
+  checkpointer.wait()
+  latest = checkpointer.latest_step()
+  kept = ("no checkpoint was written before it" if latest is None else
+          f"the newest checkpoint, step {latest} in {checkpointer.directory}, holds the last "
+          "finite state")
+  return Diverged(
+      f"Training diverged at step {step}: {what}; stopped ({kept}). Lower "
+      f"optimizer.learning_rate (now {config.optimizer.learning_rate}) or use "
+      "optimizer.warmup_steps / optimizer.grad_clip_norm; resuming that checkpoint with changed "
+      "settings needs --allow_config_change.")
 
 
 def _prefixed(metrics: dict, split: str) -> dict:
