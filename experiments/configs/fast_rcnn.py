@@ -80,6 +80,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         name="fast_rcnn_vgg16", num_classes=num_classes, frozen_stages=2, pooling="roi_pool",
         roi_heads=dict(batch_size_per_image=64, detections_per_image=100)))
     config.task.proposals = "data"
+    config.task.evaluation = "voc2007"  # VOC2007 test: the devkit's 11-point AP
     config.data.update(name="voc/2007", augment=(), max_objects=64,
                        proposals="voc_2007_{split}.mat", max_proposals=2000)
     config.update(batch_size=2, eval_batch_size=2, total_steps=40000, eval_every=10000,

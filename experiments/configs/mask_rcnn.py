@@ -67,6 +67,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.update(batch_size=16, eval_batch_size=16, total_steps=18000 if arg.voc else 90000)
     config.optimizer.update(name="momentum", learning_rate=0.02, warmup_steps=1000,
                             weight_decay=1e-4)
+    if arg.voc:
+      config.task.evaluation = "voc2007"  # VOC2007 test: the devkit's 11-point AP
   if arg.faster or arg.voc or arg.coco_boxes:  # no mask head
     config.model.name = "faster_rcnn_r50_fpn"
     if "mask_channels" in config.model:
