@@ -47,6 +47,23 @@ def test_output_strides(output_stride, sizes):
   assert model.strides["C5"] == output_stride
 
 
+def test_captured_intermediates_are_the_modules_outputs():
+  """The convolutions and norms are children named as torchvision's (conv1, bn1 side by side),
+  so a feature extractor reading `capture_intermediates` gets each module's own output: the
+  ResNet's features dict, a bottleneck's output, a convolution's output."""
+  model = ResNet((1, 1, 1, 1), width=2)
+  images = jnp.ones((1, 32, 32, 3))
+  variables = model.init(jax.random.key(0), images, train=False)
+  out, state = model.apply(variables, images, train=False, capture_intermediates=True,
+                           mutable=["intermediates"])
+  captured = state["intermediates"]
+  assert len(captured["__call__"]) == 1 and captured["__call__"][0].keys() == out.keys()
+  assert captured["layer1"]["0"]["__call__"][0].shape == out["C2"].shape == (1, 8, 8, 8)
+  assert captured["conv1"]["__call__"][0].shape == (1, 16, 16, 2)
+  assert set(captured["layer2"]["0"]) == {"conv1", "bn1", "conv2", "bn2", "conv3", "bn3",
+                                          "downsample", "__call__"}
+
+
 def _torch_maxpool(x):
   """nn.MaxPool2d(3, 2, 1): floor mode, padding ignored by the max."""
   x = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)

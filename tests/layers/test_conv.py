@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.layers import numpy_reference as ref
-from zoo.layers.conv import ConvNormAct
+from zoo.layers.conv import ConvNormAct, conv_norm_act
 
 
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
@@ -82,14 +82,13 @@ def test_strided_dilated_frozen_norm(stride, dilation, pad, train):
 
 
 class _Parent(nn.Module):
-  """Holds a ConvNormAct in its own scope, as torchvision's ResNet blocks do."""
+  """Holds the convolution and norm itself, as torchvision's ResNet blocks do."""
   features: int
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    block = ConvNormAct(self.features, norm="frozen", conv_name="conv1", norm_name="bn1")
-    nn.share_scope(self, block)
-    return block(x, train=train)
+    return conv_norm_act(self, x, train=train, features=self.features, norm="frozen",
+                         conv_name="conv1", norm_name="bn1")
 
 
 def _shapes(module):
@@ -125,3 +124,32 @@ def test_initialisers():
                        norm_scale_init=nn.initializers.zeros)
   params = module.init(jax.random.key(0), x, train=False)["params"]
   assert not params["conv"]["kernel"].any() and not params["norm"]["scale"].any()
+
+
+@pytest.mark.parametrize("norm", ["none", "batch"])
+def test_convolution_in_the_block_itself(norm):
+  """conv_name=None (Caffe's layer: kernel and bias in the block) computes what nn.Conv does:
+  the same parameters give the same outputs, at every padding, stride and dilation."""
+  rng = np.random.default_rng()
+  x = jnp.asarray(rng.standard_normal((2, 9, 8, 3)), jnp.float32)
+  for padding, stride, dilation in (("SAME", 1, 1), ("VALID", 2, 1), (2, 1, 2), ("SAME", 2, 3)):
+    settings = dict(kernel_size=3, stride=stride, dilation=dilation, padding=padding, norm=norm)
+    inside, child = ConvNormAct(4, conv_name=None, **settings), ConvNormAct(4, **settings)
+    variables = inside.init(jax.random.key(0), x, train=False)
+    params = dict(variables["params"])
+    conv = {k: params.pop(k) for k in ("kernel", "bias") if k in params}
+    nested = {**variables, "params": {**params, "conv": conv}}
+    np.testing.assert_array_equal(inside.apply(variables, x, train=False),
+                                  child.apply(nested, x, train=False))
+
+
+def test_parent_intermediates_hold_only_its_output():
+  """conv_norm_act adds children, not a scope-sharing module: the parent's own `__call__`
+  intermediate stays its output alone (a feature extractor reading it gets the right map)."""
+  x = jnp.ones((1, 6, 6, 2))
+  module = _Parent(4)
+  variables = module.init(jax.random.key(0), x, train=False)
+  y, state = module.apply(variables, x, train=False, capture_intermediates=True,
+                          mutable=["intermediates"])
+  assert len(state["intermediates"]["__call__"]) == 1
+  np.testing.assert_array_equal(state["intermediates"]["__call__"][0], y)

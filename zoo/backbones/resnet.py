@@ -8,6 +8,9 @@ torchvision's state dict, so its weights import by transposing OIHW kernels to H
     layer{1..4}/{block}/conv1 bn1 conv2 bn2 conv3 bn3 [downsample/0 (1x1 conv), downsample/1 (BN)]
     fc                                           optional classifier (num_classes)
 
+Each convolution with its BatchNorm is `zoo.layers.conv_norm_act` (`ConvNormAct` for the
+downsample), whose children keep these names.
+
 `output_stride` 8 or 16 replaces the stride of layer3/layer4 by dilation as torchvision's
 `replace_stride_with_dilation` does (DeepLab, Chen et al. 2017): the first block of a dilated
 layer keeps the previous dilation in its 3x3 convolution, the later ones use the new one.
@@ -33,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from zoo.layers.conv import ConvNormAct
+from zoo.layers.conv import ConvNormAct, conv_norm_act
 
 RESNET_BLOCKS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3), "resnet152": (3, 8, 36, 3)}
 NORMS = ("batch", "frozen")
@@ -45,20 +48,18 @@ def _kaiming_fan_out():
   return nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def _conv_bn(parent: nn.Module, features: int, kernel_size: int, *, stride: int = 1,
-            dilation: int = 1, index: str = "1", norm: str, activation=nn.relu,
-            zero_scale: bool = False, dtype: Any, param_dtype: Any) -> ConvNormAct:
+def _conv_bn(module: nn.Module, x, features: int, kernel_size: int, *, train: bool,
+             stride: int = 1, dilation: int = 1, index: str = "1", norm: str, activation=nn.relu,
+             zero_scale: bool = False, dtype: Any, param_dtype: Any):
   """torchvision's bias-free `conv{index}` (padding dilation * (k - 1) // 2) and its
-  BatchNorm `bn{index}` (norm "batch" or "frozen"), then `activation`, named side by side in
-  `parent`'s scope as torchvision names them (call it inside parent's compact method)."""
-  block = ConvNormAct(features, kernel_size, stride=stride, dilation=dilation,
-                      padding=dilation * (kernel_size - 1) // 2, norm=norm, activation=activation,
-                      kernel_init=_kaiming_fan_out(),
-                      norm_scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
-                      conv_name=f"conv{index}", norm_name=f"bn{index}", dtype=dtype,
-                      param_dtype=param_dtype)
-  nn.share_scope(parent, block)
-  return block
+  BatchNorm `bn{index}` (norm "batch" or "frozen"), then `activation`: children of `module`,
+  side by side as torchvision names them (call it inside module's compact method)."""
+  return conv_norm_act(module, x, train=train, features=features, kernel_size=kernel_size,
+                       stride=stride, dilation=dilation, padding=dilation * (kernel_size - 1) // 2,
+                       norm=norm, activation=activation, kernel_init=_kaiming_fan_out(),
+                       norm_scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
+                       conv_name=f"conv{index}", norm_name=f"bn{index}", dtype=dtype,
+                       param_dtype=param_dtype)
 
 
 class Bottleneck(nn.Module):
@@ -87,11 +88,11 @@ class Bottleneck(nn.Module):
   def __call__(self, x, *, train: bool):
     """x: (B, H, W, C) -> (B, H / stride, W / stride, 4 width)."""
     kw = dict(norm=self.norm, dtype=self.dtype, param_dtype=self.param_dtype)
-    y = _conv_bn(self, self.width, 1, index="1", **kw)(x, train=train)
-    y = _conv_bn(self, self.width, 3, stride=self.stride, dilation=self.dilation, index="2",
-                **kw)(y, train=train)
-    y = _conv_bn(self, self.width * EXPANSION, 1, index="3", activation=None,
-                zero_scale=self.zero_init_residual, **kw)(y, train=train)
+    y = _conv_bn(self, x, self.width, 1, train=train, index="1", **kw)
+    y = _conv_bn(self, y, self.width, 3, train=train, stride=self.stride, dilation=self.dilation,
+                 index="2", **kw)
+    y = _conv_bn(self, y, self.width * EXPANSION, 1, train=train, index="3", activation=None,
+                 zero_scale=self.zero_init_residual, **kw)
     shortcut = x
     if self.downsample:
       shortcut = ConvNormAct(self.width * EXPANSION, 1, stride=self.stride, padding=0,
@@ -194,7 +195,7 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet takes images (B, H, W, C) (NHWC), got shape {images.shape}.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     norm = lambda stage: "frozen" if self.norm == "frozen" or stage <= self.frozen_stages else "batch"
-    x = _conv_bn(self, self.width, 7, stride=2, norm=norm(0), **kw)(images, train=train)
+    x = _conv_bn(self, images, self.width, 7, train=train, stride=2, norm=norm(0), **kw)
     x = lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
                           ((0, 0), (1, 1), (1, 1), (0, 0)))
     if self.frozen_stages == 0:

@@ -9,7 +9,7 @@ match each release's names:
     default           block/conv/{kernel,bias}, block/norm/{scale,bias}   (U-Net)
     norm_name="bn"    block/conv/kernel, block/bn/{scale,bias}            (DeepLab's ASPP)
     conv_name=None    block/{kernel,bias}, block/norm/...                 (Caffe's VGG layers)
-    conv_name="conv1", norm_name="bn1" and nn.share_scope(parent, block)
+    conv_norm_act(parent, ..., conv_name="conv1", norm_name="bn1")
                       parent/conv1/kernel, parent/bn1/...                 (torchvision's ResNet)
 
 On XLA:CPU the convolution itself is already the fastest formulation we measured
@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
 # The norm kinds (glossary word `norm`): none; BatchNorm with batch statistics in training;
 # BatchNorm that always uses its stored statistics (detectron2's FrozenBatchNorm2d role).
@@ -36,8 +37,46 @@ def _pair(value) -> tuple[int, int]:
   return (value, value) if isinstance(value, int) else tuple(value)
 
 
+def conv_norm_act(module: nn.Module, x, *, train: bool, features: int,
+                  kernel_size: int | tuple[int, int] = (3, 3), stride: int = 1, dilation: int = 1,
+                  padding: str | int = "SAME", norm: str = "none",
+                  activation: Callable[[Any], Any] | None = nn.relu,
+                  kernel_init: Callable[..., Any] = he_normal(),
+                  norm_scale_init: Callable[..., Any] = nn.initializers.ones,
+                  conv_name: str | None = "conv", norm_name: str = "norm",
+                  dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+  """The block's computation inside `module`'s compact method: a child nn.Conv `conv_name`
+  (None: `kernel` and `bias` are `module`'s own parameters), a child nn.BatchNorm `norm_name`,
+  then `activation`. `ConvNormAct` calls it on itself; torchvision's ResNet calls it on a
+  Bottleneck, whose conv1 and bn1 sit side by side. Arguments as ConvNormAct's attributes.
+
+  x: (B, H, W, C_in) -> (B, H', W', features) in `dtype`.
+  """
+  if norm not in NORMS:
+    raise ValueError(f"ConvNormAct norm must be one of {NORMS}, got {norm!r}.")
+  kernel_size, use_bias = _pair(kernel_size), norm == "none"
+  if conv_name is None:  # nn.Conv's parameters and arithmetic, held by `module` itself
+    kernel = module.param("kernel", kernel_init, (*kernel_size, x.shape[-1], features), param_dtype)
+    if isinstance(padding, int):
+      padding = ((padding, padding), (padding, padding))
+    x = lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (stride, stride), padding,
+                                 rhs_dilation=(dilation, dilation),
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if use_bias:
+      x = x + module.param("bias", nn.initializers.zeros, (features,), param_dtype).astype(dtype)
+  else:
+    x = nn.Conv(features, kernel_size, strides=stride, padding=padding, kernel_dilation=dilation,
+                use_bias=use_bias, kernel_init=kernel_init, dtype=dtype, param_dtype=param_dtype,
+                name=conv_name)(x)
+  if norm != "none":
+    x = nn.BatchNorm(use_running_average=norm == "frozen" or not train, momentum=0.9,
+                     epsilon=1e-5, scale_init=norm_scale_init, dtype=dtype,
+                     param_dtype=param_dtype, name=norm_name)(x)
+  return x if activation is None else activation(x)
+
+
 class ConvNormAct(nn.Module):
-  """k x k convolution, optional batch norm, optional activation.
+  """k x k convolution, optional batch norm, optional activation (`conv_norm_act` on itself).
 
   Attributes:
     features: output channels C_out.
@@ -71,24 +110,13 @@ class ConvNormAct(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  def __post_init__(self):
-    if self.norm not in NORMS:
-      raise ValueError(f"ConvNormAct norm must be one of {NORMS}, got {self.norm!r}.")
-    super().__post_init__()
-
   @nn.compact
   def __call__(self, x, *, train: bool):
     """x: (B, H, W, C_in) -> (B, H', W', features) in `dtype`; `train` selects batch
     statistics (and their update, with `mutable=["batch_stats"]`) for norm="batch"."""
-    conv = nn.Conv(self.features, _pair(self.kernel_size), strides=self.stride,
-                   padding=self.padding, kernel_dilation=self.dilation,
-                   use_bias=self.norm == "none", kernel_init=self.kernel_init, dtype=self.dtype,
-                   param_dtype=self.param_dtype, name=self.conv_name)
-    if self.conv_name is None:
-      nn.share_scope(self, conv)
-    x = conv(x)
-    if self.norm != "none":
-      x = nn.BatchNorm(use_running_average=self.norm == "frozen" or not train, momentum=0.9,
-                       epsilon=1e-5, scale_init=self.norm_scale_init, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name=self.norm_name)(x)
-    return x if self.activation is None else self.activation(x)
+    return conv_norm_act(
+        self, x, train=train, features=self.features, kernel_size=self.kernel_size,
+        stride=self.stride, dilation=self.dilation, padding=self.padding, norm=self.norm,
+        activation=self.activation, kernel_init=self.kernel_init,
+        norm_scale_init=self.norm_scale_init, conv_name=self.conv_name,
+        norm_name=self.norm_name, dtype=self.dtype, param_dtype=self.param_dtype)
