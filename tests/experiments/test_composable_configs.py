@@ -36,7 +36,17 @@ EXCLUDED = (
 )
 # Hyper-parameters renamed since the golden file, with their values kept: (config, old dotted
 # path, new dotted path). A rename in a config section adds its line here.
-RENAMED_FIELDS = ()
+RENAMED_FIELDS = (
+    ("unet", "model.base_width", "model.width"),
+    ("swin", "model.in_chans", "model.in_channels"),
+    ("deeplab", "model.resnet_blocks", "model.blocks"),
+    ("deeplab", "model.resnet_width", "model.width"),
+    ("deeplab", "model.vgg_widths", "model.widths"),
+)
+# Registry names renamed since the golden file (one scheme: family_variant_backbone).
+RENAMED_MODELS = {"fcn32s_vgg16": "fcn_32s_vgg16", "fcn16s_vgg16": "fcn_16s_vgg16",
+                  "fcn8s_vgg16": "fcn_8s_vgg16", "deeplab_v2_resnet50": "deeplab_v2_r50",
+                  "deeplab_v3_resnet50": "deeplab_v3_r50", "swin_segmenter": "semantic_fpn_swin"}
 
 
 def config_module(name):
@@ -79,6 +89,7 @@ def test_variant_resolves_as_before(name, variant, before):
   for config, old, new in RENAMED_FIELDS:
     if config == name and (value := pop(before, old, missing)) is not missing:
       put(before, new, value)
+  before["model"]["name"] = RENAMED_MODELS.get(before["model"]["name"], before["model"]["name"])
   assert after == before
   # int vs float matters to command-line overrides: compare the JSON text too.
   assert json.dumps(after, sort_keys=True) == json.dumps(before, sort_keys=True)

@@ -89,15 +89,6 @@ def test_parameter_counts():
   assert count("deeplab_v2_r50") == 23_508_032 + 4 * (9 * 2048 * 21 + 21)
 
 
-def test_old_name_is_an_alias():
-  """README's `deeplab_v3_resnet50` builds deeplab_v3_r50 (same hyper-parameters); only the
-  registered name is listed."""
-  old, new = (zoo.create(name, **TINY_RESNET) for name in ("deeplab_v3_resnet50", "deeplab_v3_r50"))
-  assert old == new
-  assert zoo.hyperparameters("deeplab_v3_resnet50") == zoo.hyperparameters("deeplab_v3_r50")
-  assert "deeplab_v3_r50" in zoo.list_models() and "deeplab_v3_resnet50" not in zoo.list_models()
-
-
 def test_aspp_v2_matches_numpy():
   rng = np.random.default_rng()
   x = rng.standard_normal((2, 9, 8, 5))

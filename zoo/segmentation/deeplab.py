@@ -265,8 +265,7 @@ def deeplab_v2_r50(
                  dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype))
 
 
-# The alias keeps README's `zoo.create("deeplab_v3_resnet50", crf=...)` working.
-@register_model("deeplab_v3_r50", aliases=("deeplab_v3_resnet50",))
+@register_model("deeplab_v3_r50")
 def deeplab_v3_r50(
     num_classes: int = 21, output_stride: int = 16, blocks: tuple[int, ...] = (3, 4, 6, 3),
     width: int = 64, norm: str = "batch", aspp_rates: tuple[int, ...] = (6, 12, 18),
