@@ -98,7 +98,7 @@ def main():
   for name in MODELS.value:
     model = zoo.create(name, dtype=jnp.dtype(DTYPE.value))
     task = Detection(model.num_classes, masks=model.masks)
-    batch = jax.device_put({k: data[k] for k in task.features})
+    batch = jax.device_put(data)  # what training reads: the image and the targets
     first = {k: v[:1] for k, v in batch.items()}
     state = jax.jit(functools.partial(trainer.create_train_state, model, optimizer))(
         jax.random.key(0), task.model_inputs(first, train=False))
