@@ -8,6 +8,7 @@ import pytest
 from experiments.configs import swin as swin_config
 from experiments.configs import vit as vit_config
 from zoo import training
+from tests.training import logged
 
 DATASET = "digit_canvases/tiny"
 VARIANTS = [(swin_config, v) for v in ("", "smoke", "segmentation", "segmentation,smoke",
@@ -45,6 +46,7 @@ def test_smoke_variant_trains_and_evaluates(module, variant, data_dir, tmp_path)
   config.eval_every = 0
   results = training.train_and_evaluate(config, str(tmp_path / "run"))
   assert results["step"] == config.total_steps
+  logged.assert_loss_finite_and_falling(str(tmp_path / "run"))
   for split in config.final_eval_splits:
     metric = "miou" if config.task.name == "semantic_segmentation" else "decision_accuracy"
     assert 0.0 <= results[split][metric] <= 1.0 and math.isfinite(results[split][metric])
