@@ -43,7 +43,7 @@ import optax
 from zoo.detection.roi_heads import paste_masks
 from zoo import visualization
 from zoo.metrics import coco
-from zoo.training.task import ConcatenatingEvaluator, Task, register_task
+from zoo.training.task import ConcatenatingEvaluator, Task, check_labels, register_task
 
 
 def _l1(x, y, weight):
@@ -95,6 +95,12 @@ class Detection(Task):
   def features(self):
     proposals = ("proposals", "proposals_valid") if self.proposals else ()
     return ("image",) + self._targets + proposals + self._evaluated
+
+  def check_batch(self, batch):
+    """The valid objects' labels must lie in [0, num_classes): the detector's classes are the
+    labels + 1, class 0 being the background (ValueError otherwise)."""
+    check_labels(np.asarray(batch["labels"])[np.asarray(batch["objects_valid"], bool)],
+                 self.num_classes)
 
   def model_inputs(self, batch, *, train):
     inputs = {"images": batch["image"]}
