@@ -10,12 +10,21 @@ it, and `import kernels` must load no Pallas backend.
 
 import contextlib
 import contextvars
+import importlib
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
+# The module that implements each concrete implementation inside an op's folder.
+BACKEND_MODULES = {"xla": "xla", "pallas_tpu": "pallas_tpu", "pallas_gpu": "pallas_mosaic_gpu"}
+
+
+def backend(package: str, implementation: str):
+  """The backend module of op `package` ("kernels.roi") for a concrete `implementation`,
+  imported the first time it is chosen (so `import kernels` loads no Pallas module)."""
+  return importlib.import_module(f"{package}.{BACKEND_MODULES[implementation]}")
 
 _PALLAS_PLATFORM = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
 _lowering_platform = contextvars.ContextVar("lowering_platform", default=None)

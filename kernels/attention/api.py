@@ -40,15 +40,7 @@ from kernels import common
 from kernels.attention.geometry import WindowGeometry, relative_position_bias
 
 def _backend(implementation: str):
-  """The module of `implementation`, imported the first time it is chosen."""
-  if implementation == "xla":
-    from kernels.attention import xla
-    return xla
-  if implementation == "pallas_tpu":
-    from kernels.attention import pallas_tpu
-    return pallas_tpu
-  from kernels.attention import pallas_mosaic_gpu
-  return pallas_mosaic_gpu
+  return common.backend("kernels.attention", implementation)
 
 
 class _Static(NamedTuple):

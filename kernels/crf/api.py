@@ -53,15 +53,7 @@ from kernels.crf.geometry import (BlockSizes, TilePlan, active_tile_pairs,
 _OP = "dense_crf"
 _HIGHEST = lax.Precision.HIGHEST
 def _backend(implementation: str):
-  """The module of `implementation`, imported the first time it is chosen."""
-  if implementation == "xla":
-    from kernels.crf import xla
-    return xla
-  if implementation == "pallas_tpu":
-    from kernels.crf import pallas_tpu
-    return pallas_tpu
-  from kernels.crf import pallas_mosaic_gpu
-  return pallas_mosaic_gpu
+  return common.backend("kernels.crf", implementation)
 
 
 class _Static(NamedTuple):

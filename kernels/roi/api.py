@@ -38,18 +38,8 @@ from kernels import common
 from kernels.roi.geometry import (BinBounds, BlockSizes, BoxGeometry, FlatMaps, Plan, bin_bounds,
                                   box_geometry, empty_bins, tile_plan)
 
-def _pallas_backend(implementation: str):
-  """The module of a Pallas implementation, imported the first time it is chosen."""
-  if implementation == "pallas_tpu":
-    from kernels.roi import pallas_tpu
-    return pallas_tpu
-  from kernels.roi import pallas_mosaic_gpu
-  return pallas_mosaic_gpu
-
-
-def _xla_backend():
-  from kernels.roi import xla
-  return xla
+def _backend(implementation: str):
+  return common.backend("kernels.roi", implementation)
 
 
 def check_box_arguments(features, boxes, box_indices, op: str) -> None:
@@ -87,7 +77,7 @@ def _plan(static: _Static) -> Plan:
   """The Pallas kernel's plan; the GPU kernel takes smaller tiles for outputs of > 64 bins."""
   blocks = static.blocks
   if static.implementation == "pallas_gpu":
-    blocks = _pallas_backend("pallas_gpu").roi_align_block_sizes(blocks, static.out_h * static.out_w)
+    blocks = _backend("pallas_gpu").roi_align_block_sizes(blocks, static.out_h * static.out_w)
   return tile_plan(static.shape, static.out_h, static.out_w, blocks)
 
 
@@ -96,7 +86,7 @@ def _unless_gpu_cannot(requested, implementation, shapes, dtype, out_h, out_w, b
   limits: pallas_mosaic_gpu.roi_align_check_supported); ValueError for an explicit "pallas_gpu"."""
   if implementation != "pallas_gpu":
     return implementation
-  backend = _pallas_backend("pallas_gpu")
+  backend = _backend("pallas_gpu")
   for shape in shapes:
     plan = _plan(_Static(tuple(shape), jnp.dtype(dtype), out_h, out_w, implementation, blocks))
     reason = backend.roi_align_check_supported(plan, shape[-1], dtype)
@@ -106,8 +96,8 @@ def _unless_gpu_cannot(requested, implementation, shapes, dtype, out_h, out_w, b
 
 def _forward_unbatched(static: _Static, features, geometry: BoxGeometry):
   if static.implementation == "xla":
-    return _xla_backend().roi_align_forward(features, geometry, static.out_h, static.out_w)
-  backend = _pallas_backend(static.implementation)
+    return _backend("xla").roi_align_forward(features, geometry, static.out_h, static.out_w)
+  backend = _backend(static.implementation)
   out = backend.roi_align_forward(features, geometry, _plan(static),
                                   common.interpret(static.implementation))
   m = static.out_h * static.out_w
@@ -117,12 +107,12 @@ def _forward_unbatched(static: _Static, features, geometry: BoxGeometry):
 
 def _backward_unbatched(static: _Static, geometry: BoxGeometry, grad_out):
   if static.implementation == "xla":
-    return _xla_backend().roi_align_backward(static.shape, static.dtype, geometry, grad_out)
+    return _backend("xla").roi_align_backward(static.shape, static.dtype, geometry, grad_out)
   plan = _plan(static)
   k, _, _, c = grad_out.shape
   grad_out = grad_out.astype(static.dtype).reshape(k, -1, c)
   grad_out = jnp.pad(grad_out, ((0, 0), (0, plan.bins_pad - grad_out.shape[1]), (0, 0)))
-  backend = _pallas_backend(static.implementation)
+  backend = _backend(static.implementation)
   return backend.roi_align_backward(static.shape, static.dtype, geometry, grad_out, plan,
                                     common.interpret(static.implementation))
 
@@ -314,7 +304,7 @@ class _FlatStatic(NamedTuple):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flat_roi_align(static: _FlatStatic, flat, geometry: BoxGeometry, maps: FlatMaps):
-  out = _xla_backend().roi_align_flat_forward(flat, geometry, maps, static.out_h, static.out_w)
+  out = _backend("xla").roi_align_flat_forward(flat, geometry, maps, static.out_h, static.out_w)
   return out.astype(static.dtype)
 
 
@@ -324,7 +314,7 @@ def _flat_roi_align_fwd(static, flat, geometry, maps):
 
 def _flat_roi_align_bwd(static, residuals, grad_out):
   geometry, maps = residuals
-  grad = _xla_backend().roi_align_flat_backward(static.rows, geometry, maps, grad_out)
+  grad = _backend("xla").roi_align_flat_backward(static.rows, geometry, maps, grad_out)
   grad = grad.astype(static.dtype)
   return (grad,) + jax.tree.map(jnp.zeros_like, (geometry, maps))
 
@@ -393,9 +383,9 @@ def _from_kernel(best, index, bounds: BinBounds, shape):
 def _pool_forward(static: _PoolStatic, features, bounds: BinBounds):
   """Max (K, out_h, out_w, C) float32 and its flat index into (N*H*W) (-1: none)."""
   if static.implementation == "xla":
-    return _xla_backend().roi_pool_forward(features, bounds)
+    return _backend("xla").roi_pool_forward(features, bounds)
   plan = tile_plan(features.shape, bounds.h_start.shape[1], bounds.w_start.shape[1], static.blocks)
-  best, index = _pallas_backend(static.implementation).roi_pool_forward(
+  best, index = _backend(static.implementation).roi_pool_forward(
       features, bounds, plan, common.interpret(static.implementation))
   return _from_kernel(best, index, bounds, features.shape)
 
@@ -417,11 +407,11 @@ def _roi_pool_bwd(static, residuals, grad_out):
     k, out_h, out_w, c = grad_out.shape
     plan = tile_plan(shape, out_h, out_w, static.blocks)
     in_image = jnp.where(argmax >= 0, argmax - bounds.batch[:, None, None, None] * (shape[1] * shape[2]), -1)
-    grad = _pallas_backend("pallas_gpu").roi_pool_backward(
+    grad = _backend("pallas_gpu").roi_pool_backward(
         shape, static.dtype, bounds, plan, in_image.reshape(k, -1, c), grad_out.reshape(k, -1, c),
         common.interpret("pallas_gpu"))
   else:  # xla and pallas_tpu: the scatter-add is deterministic on CPU and TPU
-    grad = _xla_backend().roi_pool_backward(shape, static.dtype, argmax, grad_out)
+    grad = _backend("xla").roi_pool_backward(shape, static.dtype, argmax, grad_out)
   return grad, jax.tree.map(jnp.zeros_like, bounds)
 
 
@@ -457,7 +447,7 @@ def roi_pool(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
   requested = implementation
   implementation = common.resolve_implementation(implementation, "roi_pool")
   if implementation == "pallas_gpu":
-    reason = _pallas_backend("pallas_gpu").roi_pool_check_supported(
+    reason = _backend("pallas_gpu").roi_pool_check_supported(
         tile_plan(features.shape, out_h, out_w, block_sizes), features.dtype)
     implementation = common.unless_unsupported(requested, implementation, reason, "roi_pool")
   bounds = bin_bounds(boxes, box_indices, features.shape, (out_h, out_w), spatial_scale)
