@@ -64,6 +64,7 @@ import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 from etils import epath
 
 from zoo.data.labels import CLASS_NAMES
@@ -139,6 +140,15 @@ class DigitCanvases(tfds.core.GeneratorBasedBuilder):
       DigitCanvasesConfig(name="tiny", num_train=32, num_validation=16, num_test=16,
                           description="64x64 like canvas64, 32/16/16 examples: for tests."),
   ]
+
+  def _log_download_bytes(self) -> None:
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." to stdout here;
+    # nothing is downloaded, so say what happens, in the log.
+    logging.info("Preparing %s in %s (embedded data, no download).", self.info.full_name,
+                 self.data_dir)
+
+  def _log_download_done(self) -> None:
+    logging.info("Prepared %s.", self.info.full_name)
 
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.canvas_size

@@ -94,7 +94,11 @@ class Detection(Task):
   @property
   def features(self):
     proposals = ("proposals", "proposals_valid") if self.proposals else ()
-    return ("image",) + self._targets + proposals + self._evaluated
+    return ("image",) + self._targets + proposals
+
+  @property
+  def eval_features(self):
+    return self._evaluated
 
   def check_batch(self, batch):
     """The valid objects' labels must lie in [0, num_classes): the detector's classes are the

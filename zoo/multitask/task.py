@@ -58,6 +58,11 @@ class MultiTask(Task):
   def features(self):
     return tuple(dict.fromkeys(f for task in self.tasks.values() for f in task.features))
 
+  @property
+  def eval_features(self):
+    return tuple(dict.fromkeys(f for task in self.tasks.values() for f in task.eval_features
+                               if f not in self.features))
+
   def model_inputs(self, batch, *, train):
     """The union of the heads' model inputs; heads that name the same input must agree."""
     inputs = {}

@@ -6,6 +6,7 @@ model. Methods that the trainer jits (`model_inputs`, `loss`, `eval_outputs`, `p
 are pure jax.numpy on static shapes; evaluators and drawing run on the host in NumPy.
 
     features                          the batch keys the task needs (the pipeline decodes only these)
+    eval_features                     keys only evaluation reads (default none)
     check_batch(batch)                raises ValueError if a host batch cannot be this task's data
                                          (labels outside the classes): the trainer asks before
                                          the first step, since such labels train on silently
@@ -102,7 +103,13 @@ class Task(abc.ABC):
   @property
   @abc.abstractmethod
   def features(self) -> tuple[str, ...]:
-    """The batch keys this task (and the model's inputs) need."""
+    """The batch keys this task (and the model's inputs) need, in training and evaluation."""
+
+  @property
+  def eval_features(self) -> tuple[str, ...]:
+    """Batch keys that only evaluation reads (e.g. the regions an AP protocol ignores), so
+    training batches do not carry them. Default: none."""
+    return ()
 
   @abc.abstractmethod
   def model_inputs(self, batch: dict, *, train: bool) -> dict:

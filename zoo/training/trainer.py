@@ -172,22 +172,24 @@ class Experiment:
     return load_data_source(self.data["name"], split, data_dir=self.data["data_dir"],
                             proposals=self.data["proposals"])
 
-  def batch_layout(self) -> dict:
-    """What a batch holds: the task's `features`, padded to `max_objects`, `max_proposals`
-    and `max_length` (sequences)."""
-    return dict(features=self.task.features, max_objects=self.data["max_objects"],
+  def batch_layout(self, *, train: bool) -> dict:
+    """What a batch holds: the task's `features` (and in evaluation its `eval_features`),
+    padded to `max_objects`, `max_proposals` and `max_length` (sequences)."""
+    features = self.task.features + (() if train else self.task.eval_features)
+    return dict(features=features, max_objects=self.data["max_objects"],
                 max_proposals=self.data["max_proposals"], max_length=self.data["max_length"])
 
   def train_iterator(self):
     return pipeline.train_batches(
         self.data_source(self.data["train_split"]), global_batch_size=self.config.batch_size,
-        seed=self.config.seed, augment=tuple(self.data["augment"]), **self.batch_layout())
+        seed=self.config.seed, augment=tuple(self.data["augment"]),
+        **self.batch_layout(train=True))
 
   def example_inputs(self) -> dict:
     """The model's inputs for one unaugmented training example: parameters are
     initialised from their shapes."""
     batch = pipeline.example_batch(self.data_source(self.data["train_split"]),
-                                   **self.batch_layout())
+                                   **self.batch_layout(train=True))
     return self.task.model_inputs(batch, train=False)
 
   def abstract_state(self) -> TrainState:
@@ -214,7 +216,7 @@ class Experiment:
     """One pass over `split` in order, host-local batches (`example_valid` marks padding)."""
     return pipeline.eval_batches(self.data_source(split),
                                  global_batch_size=self.config.eval_batch_size,
-                                 **self.batch_layout())
+                                 **self.batch_layout(train=False))
 
   def evaluate(self, state: TrainState, split: str) -> dict:
     """The task's evaluator's result over one whole pass of `split`."""
