@@ -48,7 +48,8 @@ def evaluate(task, source, detections_of, max_objects=8, batch_size=4):
   (D, 4) canvas (x1, y1, x2, y2), (D,) scores, (D,) detector classes."""
   evaluator = task.evaluator()
   for batch in pipeline.eval_batches(source, global_batch_size=batch_size,
-                                     features=task.features + ("id",), max_objects=max_objects):
+                                     features=task.features + task.eval_features + ("id",),
+                                     max_objects=max_objects):
     boxes, scores, classes, valid = [], [], [], []
     for index, scale in zip(batch["id"], batch["image_scale"]):
       # Padding rows get a detection too: the task must not count it.
