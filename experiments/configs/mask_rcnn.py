@@ -43,7 +43,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                                  eval_every=750, eval_batch_size=32)
   config.model = ml_collections.ConfigDict(dict(
       name="mask_rcnn_r50_fpn", num_classes=num_classes, width=8, norm="batch", frozen_stages=-1,
-      fpn_channels=32, representation_size=128, mask_channels=32,
+      fpn_width=32, representation_size=128, mask_width=32,
       rpn=dict(anchor_sizes=((8,), (16,), (32,), (64,), (128,)), pre_nms_topk_train=256,
                post_nms_topk_train=128, pre_nms_topk_test=256, post_nms_topk_test=64,
                batch_size_per_image=rpn_batch_size_per_image),
@@ -71,8 +71,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       config.task.evaluation = "voc2007"  # VOC2007 test: the devkit's 11-point AP
   if arg.faster or arg.voc or arg.coco_boxes:  # no mask head
     config.model.name = "faster_rcnn_r50_fpn"
-    if "mask_channels" in config.model:
-      del config.model["mask_channels"]
+    if "mask_width" in config.model:
+      del config.model["mask_width"]
     config.task.masks = False
   if arg.smoke:
     common.smoke(config, total_steps=2, batch_size=2, eval_batch_size=8, warmup_steps=1,

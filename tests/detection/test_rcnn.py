@@ -16,13 +16,13 @@ from zoo.layers import cpu_conv_gradient
 from zoo.detection.task import Detection
 from tests.lowering import export, kernel_calls
 
-TINY = dict(num_classes=3, width=4, norm="batch", frozen_stages=-1, fpn_channels=8,
+TINY = dict(num_classes=3, width=4, norm="batch", frozen_stages=-1, fpn_width=8,
             representation_size=16,
             rpn=dict(anchor_sizes=((8,), (16,), (32,), (64,), (128,)), pre_nms_topk_train=64,
                      post_nms_topk_train=32, pre_nms_topk_test=64, post_nms_topk_test=16,
                      batch_size_per_image=32),
             roi_heads=dict(batch_size_per_image=16, detections_per_image=8, detection_candidates=32))
-MASKS = dict(mask_channels=8)
+MASKS = dict(mask_width=8)
 
 
 def targets(batch=8, objects=3, size=64, empty_image=1):

@@ -100,9 +100,9 @@ def run_head(model, variables, head, rois):
           {"params": params["box_head"]}, model.pooler(features, rois, 7), train=False)
       return roi_heads.BoxPredictor(model.num_classes).apply({"params": params["box_predictor"]}, x)
     pooled = model.pooler(features, rois, roi_heads.MASK_POOL)
-    x = roi_heads.MaskHead(model.mask_channels).apply(
+    x = roi_heads.MaskHead(model.mask_width).apply(
         {"params": params["mask_head"]}, pooled.reshape((-1,) + pooled.shape[2:]))
-    x = roi_heads.MaskPredictor(model.mask_channels, model.num_classes).apply(
+    x = roi_heads.MaskPredictor(model.mask_width, model.num_classes).apply(
         {"params": params["mask_predictor"]}, x)
     return x.reshape(rois.shape[:2] + x.shape[1:])
 
@@ -113,8 +113,8 @@ def test_rcnn_hyperparameters_come_from_the_checkpoint():
   model, variables = rcnn_model()
   assert isinstance(model, two_stage.FasterRCNN) and model.masks
   backbone = model.backbone
-  assert (backbone.depth, backbone.width, backbone.fpn_channels, model.representation_size,
-          model.mask_channels, model.num_classes) == ("resnet50", 8, 32, 64, 16, 3)
+  assert (backbone.blocks, backbone.width, backbone.fpn_width, model.representation_size,
+          model.mask_width, model.num_classes) == ((3, 4, 6, 3), 8, 32, 64, 16, 3)
   assert (backbone.norm, model.roi_heads.sampling_ratio, model.roi_heads.aligned) == (
       "frozen", 2, False)
   assert (model.pooler.sampling_ratio, model.pooler.aligned) == (2, False)
@@ -230,7 +230,7 @@ def test_full_size_torchvision_layouts_load(name):
   elif name == "vgg16":
     assert model.widths == (64, 128, 256, 512, 512) and model.fc_width == 4096
   else:
-    assert (model.num_classes, model.backbone.fpn_channels, model.representation_size) == (
+    assert (model.num_classes, model.backbone.fpn_width, model.representation_size) == (
         90, 256, 1024)
     assert model.masks == (name == "maskrcnn_resnet50_fpn")
 

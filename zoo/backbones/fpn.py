@@ -70,18 +70,19 @@ class ResNetFPN(nn.Module):
   as torchvision's (which pads its batches to a multiple of 32); the detectors check it.
 
   Attributes:
-    depth: a key of RESNET_BLOCKS ("resnet50", "resnet101").
+    blocks: the body's bottlenecks per layer (RESNET_BLOCKS: ResNet-50 (3, 4, 6, 3), ResNet-101
+      (3, 4, 23, 3)).
     width: the stem's width (64 for the standard ResNets).
     norm: the body's norm ("frozen": torchvision's pretrained detectors; "batch").
     frozen_stages: body stages without gradients (torchvision's trainable_layers=3: 1).
-    fpn_channels: the width of every pyramid level.
+    fpn_width: the channels of every pyramid level (256).
     dtype: compute dtype.
   """
-  depth: str = "resnet50"
+  blocks: tuple[int, ...] = RESNET_BLOCKS["resnet50"]
   width: int = 64
   norm: str = "frozen"
   frozen_stages: int = 1
-  fpn_channels: int = 256
+  fpn_width: int = 256
   dtype: Any = jnp.float32
 
   @property
@@ -91,8 +92,6 @@ class ResNetFPN(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, train: bool) -> dict:
-    if self.depth not in RESNET_BLOCKS:
-      raise ValueError(f"ResNetFPN depth must be one of {tuple(RESNET_BLOCKS)}, got {self.depth!r}.")
-    body = ResNet(blocks=RESNET_BLOCKS[self.depth], width=self.width, norm=self.norm,
+    body = ResNet(blocks=tuple(self.blocks), width=self.width, norm=self.norm,
                   frozen_stages=self.frozen_stages, dtype=self.dtype, name="body")
-    return FPN(self.fpn_channels, dtype=self.dtype, name="fpn")(body(images, train=train))
+    return FPN(self.fpn_width, dtype=self.dtype, name="fpn")(body(images, train=train))

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zoo.data import pipeline
+
 
 def example_key(seed: int, example_id: jax.Array) -> jax.Array:
   """The proposals' key of one example: fold_in(key(seed), id); id (,) int32 (-1 on padding)."""
@@ -138,7 +140,6 @@ def split_proposals(source, *, num_proposals: int, copies: int, max_objects: int
   Raises:
     ValueError for examples without an `id` (stand-ins are keyed by it).
   """
-  from zoo.data import pipeline   # the pipeline's padding of the ground truth
   if "id" not in source[0]:
     raise ValueError("Stand-in proposals are keyed by the examples' `id`, which this dataset "
                      "lacks; give it a proposal file instead (config.data.proposals=PATH).")

@@ -160,7 +160,7 @@ def fast_rcnn_vgg16(*, num_classes: int = 20, widths: Sequence[int] = VGG16_WIDT
                     pooling: str = "roi_pool", pool_size: int = 7,
                     spp_levels: Sequence[int] = (1, 2, 3, 6), representation_size: int = 4096,
                     dropout_rate: float = 0.5, roi_heads: dict | ROIHeadsConfig | None = None,
-                    dtype: Any = jnp.float32) -> FastRCNN:
+                    dtype: str = "float32") -> FastRCNN:
   """Fast R-CNN, VGG-16, external proposals, RoI pooling 7x7 (pooling="roi_align" or "spp" for
   RoIAlign or an SPPnet head); 20 classes (PASCAL VOC) by default. `roi_heads`: a dict of
   ROIHeadsConfig fields to change (`--config.model.roi_heads.<field>=...`)."""
@@ -169,4 +169,4 @@ def fast_rcnn_vgg16(*, num_classes: int = 20, widths: Sequence[int] = VGG16_WIDT
                   pooler=conv5_pooler(pooling, spp_levels, roi_heads, image_scale),
                   widths=tuple(widths), norm=norm, frozen_stages=frozen_stages,
                   pool_size=pool_size, representation_size=representation_size,
-                  dropout_rate=dropout_rate, image_scale=image_scale, dtype=dtype)
+                  dropout_rate=dropout_rate, image_scale=image_scale, dtype=jnp.dtype(dtype))

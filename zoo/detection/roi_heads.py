@@ -260,14 +260,14 @@ def _kaiming_fan_out():
 
 
 class MaskHead(nn.Module):
-  """Four 3x3 convolutions + ReLU (mask_fcn1..4): (N, 14, 14, C) -> (N, 14, 14, channels)."""
-  channels: int = 256
+  """Four 3x3 convolutions + ReLU (mask_fcn1..4): (N, 14, 14, C) -> (N, 14, 14, width)."""
+  width: int = 256
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     for i in range(1, 5):
-      x = nn.relu(nn.Conv(self.channels, (3, 3), padding=1, dtype=self.dtype,
+      x = nn.relu(nn.Conv(self.width, (3, 3), padding=1, dtype=self.dtype,
                           conv_general_dilated=cpu_gradient_conv_general_dilated,
                           kernel_init=_kaiming_fan_out(), name=f"mask_fcn{i}")(x))
     return x
@@ -281,13 +281,13 @@ class MaskPredictor(nn.Module):
   matmul + depth-to-space: XLA's CPU gradient of the transposed convolution was a naive loop,
   ~30 s for 256 RoIs of 14 x 14 x 256, commit 715bc97).
   """
-  channels: int
+  width: int
   num_classes: int
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    x = nn.relu(UpConvolution(self.channels, dtype=self.dtype, kernel_init=_kaiming_fan_out(),
+    x = nn.relu(UpConvolution(self.width, dtype=self.dtype, kernel_init=_kaiming_fan_out(),
                               name="conv5_mask")(x))
     x = nn.Conv(self.num_classes + 1, (1, 1), dtype=self.dtype,
                 conv_general_dilated=cpu_gradient_conv_general_dilated,
@@ -306,7 +306,7 @@ class ROIHeads(nn.Module):
     representation_size: fc6 / fc7 width (torchvision FPN: 1024; VGG-16: 4096).
     dropout_rate: after fc6 and fc7 in training (Fast R-CNN: 0.5; FPN heads: 0).
     masks: a mask head (Mask R-CNN).
-    mask_channels: the mask head's width (256).
+    mask_width: the mask head's channels (256).
     mask_chunk: slots the mask head skips together when none holds a positive (training) or
       a detection (inference); a speed knob, results do not depend on it.
     dtype: compute dtype.
@@ -318,7 +318,7 @@ class ROIHeads(nn.Module):
   representation_size: int = 1024
   dropout_rate: float = 0.0
   masks: bool = False
-  mask_channels: int = 256
+  mask_width: int = 256
   mask_chunk: int = 16
   dtype: Any = jnp.float32
 
@@ -326,8 +326,8 @@ class ROIHeads(nn.Module):
     self.box_head = BoxHead(self.representation_size, self.dropout_rate, dtype=self.dtype)
     self.box_predictor = BoxPredictor(self.num_classes, dtype=self.dtype)
     if self.masks:
-      self.mask_head = MaskHead(self.mask_channels, dtype=self.dtype)
-      self.mask_predictor = MaskPredictor(self.mask_channels, self.num_classes, dtype=self.dtype)
+      self.mask_head = MaskHead(self.mask_width, dtype=self.dtype)
+      self.mask_predictor = MaskPredictor(self.mask_width, self.num_classes, dtype=self.dtype)
 
   @property
   def mask_rois(self) -> int:

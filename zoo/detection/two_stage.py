@@ -29,6 +29,9 @@ Hyper-parameters: each stage's are one argument of the registered function, a di
 fields to change: `rpn` (zoo.detection.rpn.RPNConfig) and `roi_heads`
 (zoo.detection.roi_heads.ROIHeadsConfig), so a config says `config.model.rpn =
 dict(post_nms_topk_test=64)` and the command line `--config.model.rpn.post_nms_topk_test=64`.
+The others use the glossary's words (WORKSPACE.md): `blocks` (the ResNet's bottlenecks per
+layer: RESNET_BLOCKS["resnet101"] makes an R101-FPN), `width`, `widths`, `fpn_width`,
+`mask_width`, `norm`, `dtype` (a dtype name, "float32" or "bfloat16").
 """
 
 from typing import Any, Sequence
@@ -37,6 +40,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from zoo.backbones.fpn import FPN_LEVELS, FPN_STRIDES, ResNetFPN
+from zoo.backbones.resnet import RESNET_BLOCKS
 from zoo.backbones.vgg import VGG16, VGG16_WIDTHS
 from zoo.detection import fast_rcnn
 from zoo.detection.hyperparameters import override
@@ -64,7 +68,7 @@ class FasterRCNN(nn.Module):
       (ResNetFPN, VGG16(fc_width=None)); its parameters are `backbone/...`.
     rpn_levels, roi_levels: the backbone outputs the RPN and the RoI heads read.
     rpn: RPNConfig; roi_heads: ROIHeadsConfig; pooler: the RoI heads' RoIPooler.
-    pool_size, representation_size, dropout_rate, masks, mask_channels, mask_chunk: ROIHeads'.
+    pool_size, representation_size, dropout_rate, masks, mask_width, mask_chunk: ROIHeads'.
     image_scale: the backbone's input size over the image's (Fast R-CNN's rescaling).
     size_divisibility: image sides must be multiples of it (32 with an FPN).
     dtype: compute dtype.
@@ -80,7 +84,7 @@ class FasterRCNN(nn.Module):
   representation_size: int = 1024
   dropout_rate: float = 0.0
   masks: bool = False
-  mask_channels: int = 256
+  mask_width: int = 256
   mask_chunk: int = 16
   image_scale: float = 1.0
   size_divisibility: int = 1
@@ -104,7 +108,7 @@ class FasterRCNN(nn.Module):
                                       train=train, targets=targets)
     heads = ROIHeads(self.num_classes, self.roi_heads, self.pooler, self.pool_size,
                      self.representation_size, self.dropout_rate, self.masks,
-                     self.mask_channels, self.mask_chunk, dtype=self.dtype, name="roi_heads")
+                     self.mask_width, self.mask_chunk, dtype=self.dtype, name="roi_heads")
     outputs, rois = heads([features[name] for name in self.roi_levels], proposals,
                           proposals_valid, image_size, train=train, targets=targets)
     aux = {"proposals": proposals, "proposals_valid": proposals_valid}
@@ -119,50 +123,52 @@ class FasterRCNN(nn.Module):
 COCO_NUM_CLASSES = 90
 
 
-def _resnet_fpn_rcnn(*, masks: bool, num_classes: int, depth: str, width: int, norm: str,
-                     frozen_stages: int, fpn_channels: int, representation_size: int, rpn, roi_heads,
-                     mask_channels: int = 256, mask_chunk: int = 16, dtype) -> FasterRCNN:
+def _resnet_fpn_rcnn(*, masks: bool, num_classes: int, blocks: Sequence[int], width: int, norm: str,
+                     frozen_stages: int, fpn_width: int, representation_size: int, rpn, roi_heads,
+                     mask_width: int = 256, mask_chunk: int = 16, dtype: str) -> FasterRCNN:
   roi_heads = override(ROIHeadsConfig(), roi_heads, "roi_heads")
-  backbone = ResNetFPN(depth=depth, width=width, norm=norm, frozen_stages=frozen_stages,
-                       fpn_channels=fpn_channels, dtype=dtype)
+  backbone = ResNetFPN(blocks=tuple(blocks), width=width, norm=norm, frozen_stages=frozen_stages,
+                       fpn_width=fpn_width, dtype=jnp.dtype(dtype))
   return FasterRCNN(
       num_classes=num_classes, backbone=backbone, rpn_levels=FPN_LEVELS, roi_levels=FPN_LEVELS[:4],
       rpn=override(RPNConfig(), rpn, "rpn"), roi_heads=roi_heads,
       pooler=RoIPooler("roi_align", FPN_STRIDES[:4], roi_heads.sampling_ratio, roi_heads.aligned),
-      representation_size=representation_size, masks=masks, mask_channels=mask_channels,
-      mask_chunk=mask_chunk, size_divisibility=32, dtype=dtype)
+      representation_size=representation_size, masks=masks, mask_width=mask_width,
+      mask_chunk=mask_chunk, size_divisibility=32, dtype=jnp.dtype(dtype))
 
 
 @register_model("faster_rcnn_r50_fpn")
-def faster_rcnn_r50_fpn(*, num_classes: int = COCO_NUM_CLASSES, depth: str = "resnet50",
+def faster_rcnn_r50_fpn(*, num_classes: int = COCO_NUM_CLASSES,
+                        blocks: Sequence[int] = RESNET_BLOCKS["resnet50"],
                         width: int = 64, norm: str = "frozen", frozen_stages: int = 1,
-                        fpn_channels: int = 256, representation_size: int = 1024,
+                        fpn_width: int = 256, representation_size: int = 1024,
                         rpn: dict | RPNConfig | None = None,
                         roi_heads: dict | ROIHeadsConfig | None = None,
-                        dtype: Any = jnp.float32) -> FasterRCNN:
+                        dtype: str = "float32") -> FasterRCNN:
   """Faster R-CNN, ResNet-50 + FPN, torchvision's `fasterrcnn_resnet50_fpn` defaults.
   `rpn`, `roi_heads`: dicts of RPNConfig / ROIHeadsConfig fields to change (module doc)."""
-  return _resnet_fpn_rcnn(masks=False, num_classes=num_classes, depth=depth, width=width,
-                          norm=norm, frozen_stages=frozen_stages, fpn_channels=fpn_channels,
+  return _resnet_fpn_rcnn(masks=False, num_classes=num_classes, blocks=blocks, width=width,
+                          norm=norm, frozen_stages=frozen_stages, fpn_width=fpn_width,
                           representation_size=representation_size, rpn=rpn, roi_heads=roi_heads,
                           dtype=dtype)
 
 
 @register_model("mask_rcnn_r50_fpn")
-def mask_rcnn_r50_fpn(*, num_classes: int = COCO_NUM_CLASSES, depth: str = "resnet50",
+def mask_rcnn_r50_fpn(*, num_classes: int = COCO_NUM_CLASSES,
+                      blocks: Sequence[int] = RESNET_BLOCKS["resnet50"],
                       width: int = 64, norm: str = "frozen", frozen_stages: int = 1,
-                      fpn_channels: int = 256, representation_size: int = 1024,
-                      mask_channels: int = 256, mask_chunk: int = 16,
+                      fpn_width: int = 256, representation_size: int = 1024,
+                      mask_width: int = 256, mask_chunk: int = 16,
                       rpn: dict | RPNConfig | None = None,
                       roi_heads: dict | ROIHeadsConfig | None = None,
-                      dtype: Any = jnp.float32) -> FasterRCNN:
+                      dtype: str = "float32") -> FasterRCNN:
   """Mask R-CNN, ResNet-50 + FPN, torchvision's `maskrcnn_resnet50_fpn` defaults. `mask_chunk`:
   slots the mask head skips together when none holds a positive / detection (a speed knob).
   `rpn`, `roi_heads`: dicts of RPNConfig / ROIHeadsConfig fields to change (module doc)."""
-  return _resnet_fpn_rcnn(masks=True, num_classes=num_classes, depth=depth, width=width,
-                          norm=norm, frozen_stages=frozen_stages, fpn_channels=fpn_channels,
+  return _resnet_fpn_rcnn(masks=True, num_classes=num_classes, blocks=blocks, width=width,
+                          norm=norm, frozen_stages=frozen_stages, fpn_width=fpn_width,
                           representation_size=representation_size, rpn=rpn, roi_heads=roi_heads,
-                          mask_channels=mask_channels, mask_chunk=mask_chunk, dtype=dtype)
+                          mask_width=mask_width, mask_chunk=mask_chunk, dtype=dtype)
 
 
 # Faster R-CNN's VGG-16 RPN: 3 sizes x 3 ratios at every conv5_3 position (Ren et al., 3.1.1).
@@ -176,16 +182,16 @@ def faster_rcnn_vgg16(*, num_classes: int = 20, widths: Sequence[int] = VGG16_WI
                       spp_levels: Sequence[int] = (1, 2, 3, 6), representation_size: int = 4096,
                       dropout_rate: float = 0.5, rpn: dict | RPNConfig | None = None,
                       roi_heads: dict | ROIHeadsConfig | None = None,
-                      dtype: Any = jnp.float32) -> FasterRCNN:
+                      dtype: str = "float32") -> FasterRCNN:
   """Faster R-CNN, VGG-16, single-level RPN (9 anchors at stride 16), RoI pooling 7x7; 20
   classes (PASCAL VOC) by default. `rpn`, `roi_heads`: dicts of RPNConfig / ROIHeadsConfig
   fields to change (module doc); rpn.anchor_sizes has one level, e.g. ((16, 32, 64),)."""
   roi_heads = override(ROIHeadsConfig(), roi_heads, "roi_heads")
   backbone = VGG16(tuple(widths), fc_width=None, norm=norm, frozen_stages=frozen_stages,
-                   dtype=dtype)
+                   dtype=jnp.dtype(dtype))
   return FasterRCNN(
       num_classes=num_classes, backbone=backbone, rpn_levels=("conv5_3",),
       roi_levels=("conv5_3",), rpn=override(VGG16_RPN, rpn, "rpn"), roi_heads=roi_heads,
       pooler=fast_rcnn.conv5_pooler(pooling, spp_levels, roi_heads, image_scale),
       pool_size=pool_size, representation_size=representation_size, dropout_rate=dropout_rate,
-      image_scale=image_scale, dtype=dtype)
+      image_scale=image_scale, dtype=jnp.dtype(dtype))

@@ -40,7 +40,7 @@ Models:
              with torchvision's RoI pooling: norm="frozen", roi_heads sampling_ratio=2,
              aligned=False (MultiScaleRoIAlign); num_classes = torchvision's num_classes - 1 (the
              zoo's count excludes the background class, torchvision's includes it: 91 -> 90 for
-             COCO); depth, width, fpn_channels, representation_size, mask_channels from the
+             COCO); blocks, width, fpn_width, representation_size, mask_width from the
              shapes. Names are torchvision's module paths with "/" for "." (backbone/body,
              backbone/fpn, rpn/head, roi_heads/{box_head, box_predictor, mask_head,
              mask_predictor}), list indices as flax's (inner_blocks.0 -> inner_blocks_0), and
@@ -277,17 +277,14 @@ def _rcnn_rename(name):
 def _load_rcnn(state, model, **hyperparameters):
   masks = model == "maskrcnn_resnet50_fpn"
   blocks = _block_counts(state, "backbone.body.")
-  depth = next((name for name, b in RESNET_BLOCKS.items() if b == blocks), None)
-  if depth is None and "depth" not in hyperparameters:
-    raise ValueError(f"torchvision ({model}): its backbone has {blocks} bottlenecks per layer, "
-                     f"which is none of {RESNET_BLOCKS} (the R-CNN's depth choices).")
-  inferred = dict(depth=depth, width=_shape(state, "backbone.body.conv1.weight", 0),
-                  fpn_channels=_shape(state, "rpn.head.cls_logits.weight", 1),
+  inferred = dict(blocks=blocks if min(blocks) > 0 else None,
+                  width=_shape(state, "backbone.body.conv1.weight", 0),
+                  fpn_width=_shape(state, "rpn.head.cls_logits.weight", 1),
                   representation_size=_shape(state, "roi_heads.box_head.fc6.weight", 0),
                   num_classes=(_shape(state, "roi_heads.box_predictor.cls_score.weight", 0, 92)
                                - 1))
   if masks:
-    inferred["mask_channels"] = _shape(state, "roi_heads.mask_predictor.conv5_mask.weight", 1)
+    inferred["mask_width"] = _shape(state, "roi_heads.mask_predictor.conv5_mask.weight", 1)
   inferred = {k: v for k, v in inferred.items() if v is not None}
   roi_heads = hyperparameters.pop("roi_heads", None)
   if not isinstance(roi_heads, ROIHeadsConfig):   # torchvision's pooler unless told otherwise
@@ -298,7 +295,7 @@ def _load_rcnn(state, model, **hyperparameters):
   fc6, cls_score = ("params", "roi_heads", "box_head", "fc6"), ("params", "roi_heads",
                                                                 "box_predictor", "cls_score")
   hints = {(*fc6, "kernel"): (
-      f"torchvision's box head reads fpn_channels x {_POOLED} x {_POOLED} RoI features "
+      f"torchvision's box head reads fpn_width x {_POOLED} x {_POOLED} RoI features "
       "(flattened NCHW) into representation_size units.")}
   for leaf in ("kernel", "bias"):
     hints[(*cls_score, leaf)] = ("torchvision's num_classes counts the background; the zoo's "
