@@ -6,7 +6,8 @@
     logits, aux = model.apply(variables, images, train=False)
 """
 
-from zoo.registry import create, hyperparameters, list_models, register_model
+from zoo.factory import create, hyperparameters, list_models
+from zoo.registry import register_model
 from zoo.weights import load_checkpoint
 
 __all__ = ["create", "hyperparameters", "list_models", "load_checkpoint", "register_model"]

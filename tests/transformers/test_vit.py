@@ -130,7 +130,7 @@ def test_parameter_counts_and_vit_jax_names():
   for name, d, heads, mlp in (("vit_ti16", 192, 3, 768), ("vit_s16", 384, 6, 1536)):
     model = zoo.create(name, num_classes=10)
     assert (model.hidden_size, model.num_layers, model.num_heads, model.mlp_dim) == (d, 12, heads, mlp)
-  assert zoo.registry.hyperparameters("vit") == [
+  assert zoo.hyperparameters("vit") == [
       "num_classes", "patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim",
       "classifier", "representation_size", "dropout_rate", "attention_dropout_rate", "dtype",
       "param_dtype"]

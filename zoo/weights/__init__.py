@@ -23,16 +23,15 @@ Formats so far:
 """
 
 import os
-import re
 from collections.abc import Mapping
-from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zoo import registry
+from zoo import factory
+from zoo.weights.conversion import convert_state, swin_official_name
 
 FORMATS = ("swin_official", "vit_jax", "timm", "torchvision")
 
@@ -73,74 +72,6 @@ def _read(source) -> dict[str, np.ndarray]:
           for name, value in state.items()}
 
 
-def _swin_official_name(name: str) -> tuple[tuple[str, ...], Any] | None:
-  """Official state-dict name -> (our parameter path, converter), or None for a buffer."""
-  if name.endswith(("relative_position_index", "attn_mask")):
-    return None
-  name = re.sub(r"^layers\.(\d+)\.blocks\.(\d+)\.", r"layers_\1_blocks_\2.", name)
-  name = re.sub(r"^layers\.(\d+)\.downsample\.", r"layers_\1_downsample.", name)
-  name = name.replace("patch_embed.proj.", "patch_embed_proj.").replace("patch_embed.norm.", "patch_embed_norm.")
-  *path, leaf = name.split(".")
-  if leaf == "relative_position_bias_table":
-    return (*path, leaf), lambda a: a
-  if leaf == "bias":
-    return (*path, "bias"), lambda a: a
-  if leaf == "weight" and path:
-    if path[-1].startswith("norm") or path[-1] == "patch_embed_norm":
-      return (*path, "scale"), lambda a: a
-    if path[-1] == "patch_embed_proj":
-      return (*path, "kernel"), lambda a: a.transpose(2, 3, 1, 0)  # (O, I, kh, kw) -> (kh, kw, I, O)
-    return (*path, "kernel"), lambda a: a.T                        # Linear (out, in) -> (in, out)
-  return ("unknown", name), lambda a: a  # not a path of ours: _convert names it
-
-
-def _convert(state, rename, expected, fmt, hints=None):
-  """Our parameter tree from a checkpoint, or a ValueError listing everything that does not fit.
-
-  Args:
-    state: checkpoint name -> NumPy array.
-    rename: name -> None (a buffer we recompute: skipped), one (path, convert) pair or a list of
-      them (one checkpoint tensor feeding several of ours, e.g. timm's fused qkv); path is a
-      tuple of our names, convert maps the checkpoint's array to our layout.
-    expected: our parameter tree of shapes (jax.eval_shape of init).
-    fmt: the format's name, for the message.
-    hints: our path -> a sentence appended to that parameter's shape mismatch.
-  """
-  flat_expected = flax.traverse_util.flatten_dict(expected)
-  converted, source, unexpected = {}, {}, []
-  for name, array in state.items():
-    targets = rename(name)
-    if targets is None:
-      continue
-    for path, convert in targets if isinstance(targets, list) else [targets]:
-      if path not in flat_expected:
-        unexpected.append(name)
-        continue
-      converted[path], source[path] = convert(array), (name, array.shape)
-
-  def mismatch(p):
-    name, shape = source[p]
-    where = "" if name == "/".join(p) else f" (from {name} {tuple(shape)})"
-    hint = f" {hints[p]}" if hints and p in hints else ""
-    return (f"{'/'.join(p)}: checkpoint {converted[p].shape} vs model {flat_expected[p].shape}"
-            f"{where}{hint}")
-
-  problems = []
-  if unexpected:
-    problems.append(f"names the model does not have: {', '.join(sorted(set(unexpected)))}")
-  missing = sorted("/".join(p) for p in flat_expected if p not in converted)
-  if missing:
-    problems.append(f"parameters the checkpoint lacks: {', '.join(missing)}")
-  mismatched = [mismatch(p) for p in flat_expected
-                if p in converted and converted[p].shape != flat_expected[p].shape]
-  if mismatched:
-    problems.append("shapes that disagree with the hyper-parameters: " + "; ".join(mismatched))
-  if problems:
-    raise ValueError(f"{fmt} checkpoint does not fit the model: " + " | ".join(problems))
-  return flax.traverse_util.unflatten_dict(
-      {p: jnp.asarray(converted[p], flat_expected[p].dtype) for p in flat_expected})
-
-
 def load_checkpoint(source, *, format: str, **hyperparameters):
   """(model, variables) with a public checkpoint's weights.
 
@@ -167,11 +98,11 @@ def load_checkpoint(source, *, format: str, **hyperparameters):
   if format == "torchvision":
     from zoo.weights import torchvision  # noqa: PLC0415 (it imports this module's helpers)
     return torchvision.load(state, **hyperparameters)
-  model = registry.create("swin", **hyperparameters)
+  model = factory.create("swin", **hyperparameters)
   size = model.img_size
   expected = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, size, size, model.in_channels)), train=False))["params"]
-  params = _convert(state, _swin_official_name, flax.core.unfreeze(expected), format)
+  params = convert_state(state, swin_official_name, flax.core.unfreeze(expected), format)
   return model, {"params": params}
 
 
@@ -182,7 +113,7 @@ def _load_vit_jax(state, *, image_size, patch_size, hidden_size, mlp_dim, num_he
                   num_classes, classifier="token", representation_size=None, **model_options):
   from zoo.transformers import vit  # the model family this format feeds
 
-  model = registry.create("vit", num_classes=num_classes, patch_size=patch_size,
+  model = factory.create("vit", num_classes=num_classes, patch_size=patch_size,
                           hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
                           mlp_dim=mlp_dim, classifier=classifier,
                           representation_size=representation_size, **model_options)
@@ -194,5 +125,5 @@ def _load_vit_jax(state, *, image_size, patch_size, hidden_size, mlp_dim, num_he
   if _POSEMB in state and state[_POSEMB].shape != want and state[_POSEMB].shape[-1] == want[-1]:
     state = {**state, _POSEMB: vit.resize_position_embeddings(
         state[_POSEMB], (height // patch_h, width // patch_w), class_token=classifier == "token")}
-  params = _convert(state, lambda name: (tuple(name.split("/")), lambda a: a), expected, "vit_jax")
+  params = convert_state(state, lambda name: (tuple(name.split("/")), lambda a: a), expected, "vit_jax")
   return model, {"params": params}

@@ -48,8 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zoo import registry
-from zoo.weights import _convert, _swin_official_name
+from zoo import factory
+from zoo.weights.conversion import convert_state, swin_official_name
 
 MODELS = ("swin", "vit")
 VIT_HYPERPARAMETERS = dict(img_size=224, patch_size=16, in_chans=3, num_classes=1000,
@@ -80,7 +80,7 @@ def load(state, *, model: str | None = None, **hyperparameters):
 def _load_swin(state, **hyperparameters):
   if "in_chans" in hyperparameters:  # timm's name for the zoo's in_channels
     hyperparameters["in_channels"] = hyperparameters.pop("in_chans")
-  module = registry.create("swin", **hyperparameters)
+  module = factory.create("swin", **hyperparameters)
   size = module.img_size
   expected = flax.core.unfreeze(jax.eval_shape(lambda: module.init(
       jax.random.key(0), jnp.zeros((1, size, size, module.in_channels)), train=False))["params"])
@@ -91,9 +91,9 @@ def _load_swin(state, **hyperparameters):
       name = re.sub(r"^layers\.(\d+)\.downsample\.",
                     lambda m: f"layers.{int(m.group(1)) - 1}.downsample.", name)
     name = re.sub(r"^head\.fc\.", "head.", name)
-    return _swin_official_name(name)
+    return swin_official_name(name)
 
-  return module, {"params": _convert(state, rename, expected, "timm (Swin)")}
+  return module, {"params": convert_state(state, rename, expected, "timm (Swin)")}
 
 
 def _heads_in(want):
@@ -185,5 +185,5 @@ def _load_vit(state, **hyperparameters):
 
   hints = {posemb: "The position embeddings were made for another patch grid (or another "
                    "class_token setting): give the checkpoint's img_size and patch_size."}
-  params = _convert(state, rename, expected, "timm (ViT)", hints)
+  params = convert_state(state, rename, expected, "timm (ViT)", hints)
   return module, {"params": params}
