@@ -76,7 +76,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from zoo.data import IGNORE_LABEL
+from zoo.data.labels import IGNORE_LABEL
 
 # `PixelMap.fill` for images: the mean colour of the map's border pixels (background-like).
 BORDER_MEAN = "border_mean"

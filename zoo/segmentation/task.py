@@ -6,7 +6,7 @@ import optax
 
 from zoo import metrics as zoo_metrics
 from zoo import visualization
-from zoo.data import IGNORE_LABEL
+from zoo.data.labels import IGNORE_LABEL
 from zoo.layers import center_crop
 from zoo.training.task import (SumEvaluator, Task, check_class_count, check_labels,
                                register_task)

@@ -1,10 +1,9 @@
-"""The kernels package's structure (DESIGN.md, "Layout" and "Kernels"): no import cycles, no
-module reaching into another module's underscore names, and no Pallas backend loaded until a
-kernel that needs it is chosen.
+"""The repository's structure (DESIGN.md, "Layout" and "Kernels"): dependencies point one way
+(experiments -> zoo -> kernels), no import cycles, no module reaching into another module's
+underscore names, and no Pallas backend loaded until a kernel that needs it is chosen.
 
 The static checks parse the sources with `ast` (imports inside functions count too: a cycle
-through a lazy import is still a cycle) and take the package as a parameter, so other packages
-can be added to PACKAGES.
+through a lazy import is still a cycle) over the packages of PACKAGES.
 """
 
 import ast
@@ -14,8 +13,9 @@ import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-PACKAGES = ["kernels"]
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Each package may import only the packages after it.
+PACKAGES = ["experiments", "zoo", "kernels"]
 
 
 def package_modules(root: pathlib.Path, package: str) -> dict[str, pathlib.Path]:
@@ -124,12 +124,24 @@ def find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
   return None
 
 
-@pytest.mark.parametrize("package", PACKAGES)
-def test_no_import_cycles(package):
-  graph, _ = analyse(REPO, package_modules(REPO, package))
-  assert len(graph) > 1
+def all_modules() -> dict[str, pathlib.Path]:
+  return {name: path for package in PACKAGES for name, path in package_modules(REPO, package).items()}
+
+
+def test_no_import_cycles():
+  graph, _ = analyse(REPO, all_modules())
+  assert {module.split(".")[0] for module in graph} == set(PACKAGES)
   cycle = find_cycle(graph)
   assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_dependencies_point_one_way():
+  graph, _ = analyse(REPO, all_modules())
+  rank = {package: i for i, package in enumerate(PACKAGES)}
+  backwards = [f"{module} imports {target}" for module, targets in graph.items()
+               for target in targets
+               if rank[target.split(".")[0]] < rank[module.split(".")[0]]]
+  assert not backwards, "imports against experiments -> zoo -> kernels:\n" + "\n".join(backwards)
 
 
 @pytest.mark.parametrize("package", PACKAGES)
