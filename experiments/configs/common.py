@@ -151,6 +151,22 @@ def digit_canvases(*, res: int = 64, max_objects: int = 8) -> ml_collections.Con
       train_split="train", augment=("photometric",), max_objects=max_objects))
 
 
+def real_segmentation_data(config: ml_collections.ConfigDict, num_classes, dataset: str):
+  """Points a digit-canvas segmentation config at real data: "voc" (VOC 2012 segmentation is not
+  in TFDS: Cityscapes' 19 classes instead) or "pet" (Oxford-IIIT Pet, 2 classes). `num_classes`
+  is the config's FieldReference shared by model and task."""
+  if dataset == "voc":
+    num_classes.set(19)
+    config.data.name = "cityscapes/semantic_segmentation"
+  elif dataset == "pet":
+    num_classes.set(2)
+    config.data.name = "oxford_iiit_pet"
+    config.eval_split = "test"
+    config.final_eval_splits = ("test",)
+  else:
+    raise ValueError(f"Real segmentation data is 'voc' (Cityscapes) or 'pet'; got {dataset!r}.")
+
+
 def smoke(config: ml_collections.ConfigDict, *, total_steps: int = 4, batch_size: int = 8,
           eval_batch_size: int = 16, warmup_steps: int = 2, log_every: int = 2,
           checkpoint_every: int = 2, eval_every: int = 0):

@@ -60,15 +60,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.update(batch_size=1, eval_batch_size=1, total_steps=100_000, checkpoint_every=4000,
                   eval_every=4000)
     config.data.augment = ()
-  if arg.voc:
-    # VOC 2012 segmentation is not in TFDS (module doc): Cityscapes, 19 classes, instead.
-    num_classes.set(19)
-    config.data.name = "cityscapes/semantic_segmentation"
-  if arg.pet:
-    num_classes.set(2)
-    config.data.name = "oxford_iiit_pet"
-    config.eval_split = "test"
-    config.final_eval_splits = ("test",)
+  if arg.voc or arg.pet:
+    common.real_segmentation_data(config, num_classes, "voc" if arg.voc else "pet")
   if arg.smoke:
     config.model.update(widths=(2, 2, 4, 4, 4), fc_width=4)
     common.smoke(config)
