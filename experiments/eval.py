@@ -23,9 +23,7 @@ def main(argv):
   del argv
   launcher.start()
   from zoo import training
-  config = CONFIG.value or training.read_config(WORKDIR.value)
-  experiment = training.Experiment(config)
-  state = experiment.restore(WORKDIR.value, step=STEP.value)
+  experiment, state = training.restore_workdir(WORKDIR.value, CONFIG.value, step=STEP.value)
   metrics = experiment.evaluate(state, SPLIT.value)
   print(json.dumps({"step": int(state.step), "split": SPLIT.value, **metrics}, indent=2))
 

@@ -31,9 +31,8 @@ def main(argv):
   launcher.start()
   from zoo import training, visualization
   from zoo.data import CLASS_NAMES, detection_sources
-  config = CONFIG.value or training.read_config(WORKDIR.value)
-  experiment = training.Experiment(config)
-  state = experiment.restore(WORKDIR.value)
+  experiment, state = training.restore_workdir(WORKDIR.value, CONFIG.value)
+  config = experiment.config
   output_dir = OUTPUT_DIR.value or os.path.join(WORKDIR.value, "predictions")
   os.makedirs(output_dir, exist_ok=True)
   written = 0

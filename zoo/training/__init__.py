@@ -2,7 +2,7 @@
 
 from zoo.training.run_config import read as read_config
 from zoo.training.trainer import (Diverged, Experiment, Preempted, TrainState, prepare_workdir,
-                                  train_and_evaluate)
+                                  restore_workdir, train_and_evaluate)
 
 __all__ = ["Diverged", "Experiment", "Preempted", "TrainState", "prepare_workdir", "read_config",
-           "train_and_evaluate"]
+           "restore_workdir", "train_and_evaluate"]

@@ -244,6 +244,14 @@ class Experiment:
       checkpointer.close()
 
 
+def restore_workdir(workdir: str, config: ml_collections.ConfigDict | None = None, *,
+                    step: int | None = None) -> tuple[Experiment, TrainState]:
+  """The experiment of a training workdir (its config.json unless `config` is given) and the
+  state of its newest checkpoint (or of `step`): what eval, predict and fine-tuning start from."""
+  experiment = Experiment(config or run_config.read(workdir))
+  return experiment, experiment.restore(workdir, step=step)
+
+
 def prepare_workdir(workdir: str) -> str:
   """Creates `workdir` and checks it is writable; raises ValueError naming the fix if not."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -341,7 +349,7 @@ def initialized_from(state: TrainState, init_from: str) -> TrainState:
   if not os.path.isdir(os.path.join(init_from, "checkpoints")):
     raise ValueError(f"init_from={init_from!r} is not a workdir with checkpoints; pass the "
                      "--workdir of a finished or interrupted run.")
-  source = Experiment(run_config.read(init_from)).restore(init_from)
+  _, source = restore_workdir(init_from)
   source = flax.traverse_util.flatten_dict({"params": source.params, **source.model_state})
   copied, kept = [], []
 
