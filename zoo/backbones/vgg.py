@@ -38,7 +38,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
-from zoo.layers.conv import NORMS, he_normal
+from zoo.layers.conv import NORMS, ConvNormAct
 
 # Convolutions per stage (configuration D).
 STAGE_DEPTHS = (2, 2, 3, 3, 3)
@@ -80,45 +80,6 @@ def caffe_pool(x, kind: str, kernel: int, stride: int, pad: int = 0):
   return y[:, :sizes[0], :sizes[1]]
 
 
-class ConvReLU(nn.Module):
-  """Convolution (optionally dilated, "same" or explicit padding), optional BatchNorm, ReLU.
-
-  Parameters: `kernel` (k, k, C_in, features) HWIO and `bias` directly in this module (the
-  Caffe layer), plus `norm/{scale,bias}` and batch statistics when norm="batch".
-  """
-  features: int
-  kernel_size: int = 3
-  dilation: int = 1
-  padding: Any = "SAME"  # "SAME", "VALID" or an int (the same on all four sides).
-  norm: str = "none"
-  relu: bool = True
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, *, train: bool):
-    """x: (B, H, W, C_in) -> (B, H', W', features) in `dtype`."""
-    padding = self.padding
-    if isinstance(padding, int):
-      padding = ((padding, padding), (padding, padding))
-    elif padding == "SAME":
-      half = self.dilation * (self.kernel_size - 1) // 2
-      padding = ((half, half), (half, half))
-    kernel = self.param("kernel", he_normal(),
-                        (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
-                        self.param_dtype)
-    y = lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype), (1, 1), padding,
-        rhs_dilation=(self.dilation, self.dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    if self.norm == "batch":
-      y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name="norm")(y)
-    else:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,),
-                         self.param_dtype).astype(self.dtype)
-    return nn.relu(y) if self.relu else y
-
-
 class VGG16(nn.Module):
   """VGG-16's convolutional stages and its fully connected layers as convolutions.
 
@@ -132,8 +93,9 @@ class VGG16(nn.Module):
     pad100: FCN's conv1_1 padding of 100 (then fc6 is unpadded, as in FCN); False: every
       convolution, fc6 included, is "same" padded.
     dilated: DeepLab-LargeFOV's layout (module doc): output stride 8.
-    norm: "none" (VGG-16) or "batch" (BatchNorm after every convolution of the stages, to
-      train from scratch quickly; fc6/fc7 have none).
+    norm: "none" (VGG-16), "batch" (BatchNorm after every convolution of the stages, to
+      train from scratch quickly; fc6/fc7 have none) or "frozen" (that BatchNorm with its
+      stored statistics, in training too).
     dropout_rate: dropout after fc6 and fc7 in training (0.5 in VGG, FCN and DeepLab).
     frozen_stages: stages (0-5) whose parameters get no gradient and whose BatchNorm, if any,
       keeps its running statistics (py-faster-rcnn fixes conv1 and conv2 of an ImageNet
@@ -194,8 +156,10 @@ class VGG16(nn.Module):
     """
     if images.ndim != 4:
       raise ValueError(f"VGG16 takes images (B, H, W, C) (NHWC), got shape {images.shape}.")
-    conv = lambda width, name, **kw: ConvReLU(width, norm=kw.pop("norm", self.norm), dtype=self.dtype,
-                                              param_dtype=self.param_dtype, name=name, **kw)
+    # Caffe's layers: kernel and bias in the layer itself (conv_name=None), ReLU after.
+    conv = lambda width, name, **kw: ConvNormAct(
+        width, norm=kw.pop("norm", self.norm), conv_name=None, dtype=self.dtype,
+        param_dtype=self.param_dtype, name=name, **kw)
     x = images.astype(self.dtype)
     features = {}
     for stage, (depth, width) in enumerate(zip(STAGE_DEPTHS, self.widths), start=1):
@@ -225,7 +189,7 @@ class VGG16(nn.Module):
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
       features[name] = x
     if self.num_classes is not None:
-      features["fc8"] = conv(self.num_classes, "fc8", kernel_size=1, relu=False,
+      features["fc8"] = conv(self.num_classes, "fc8", kernel_size=1, activation=None,
                              norm="none")(x, train=train)
     return features
 
