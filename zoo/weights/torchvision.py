@@ -65,11 +65,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zoo import registry
+from zoo import factory
 from zoo.backbones.resnet import RESNET_BLOCKS, ResNet
 from zoo.backbones.vgg import STAGE_DEPTHS, VGG16
 from zoo.detection.roi_heads import ROIHeadsConfig
-from zoo.weights import _convert
+from zoo.weights.conversion import convert_state
 
 MODELS = ("resnet50", "vgg16", "fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn")
 _REGISTRY_NAMES = {"fasterrcnn_resnet50_fpn": "faster_rcnn_r50_fpn",
@@ -185,7 +185,7 @@ def _resnet_rename(name, root):
   if path == ["fc"]:
     return (("params", *root, "fc", "kernel"), _dense) if leaf == "weight" else (
         ("params", *root, "fc", leaf), _same)
-  return ("torchvision", name), _same  # not ours: _convert names it
+  return ("torchvision", name), _same  # not ours: convert_state names it
 
 
 def _load_resnet(state, **hyperparameters):
@@ -196,7 +196,7 @@ def _load_resnet(state, **hyperparameters):
   _check_names(ResNet, hyperparameters, "resnet50")
   module = ResNet(**{**h, **hyperparameters})
   expected = _expected(module, 64)
-  variables = _convert(state, lambda n: _resnet_rename(n, ()), expected, "torchvision (resnet50)")
+  variables = convert_state(state, lambda n: _resnet_rename(n, ()), expected, "torchvision (resnet50)")
   return module, variables
 
 
@@ -241,7 +241,7 @@ def _load_vgg(state, **hyperparameters):
   hints = {("params", "fc6", "kernel"): (
       f"torchvision's classifier.0 reads pool5 ({h['widths'][-1]} channels after "
       f"features.{last_conv}) average-pooled to 7 x 7 and flattened NCHW.")}
-  variables = _convert(state, rename, expected, "torchvision (vgg16)", hints)
+  variables = convert_state(state, rename, expected, "torchvision (vgg16)", hints)
   return module, variables
 
 
@@ -289,7 +289,7 @@ def _load_rcnn(state, model, **hyperparameters):
   roi_heads = hyperparameters.pop("roi_heads", None)
   if not isinstance(roi_heads, ROIHeadsConfig):   # torchvision's pooler unless told otherwise
     roi_heads = {**TORCHVISION_ROI_HEADS, **dict(roi_heads or {})}
-  module = registry.create(_REGISTRY_NAMES[model], norm="frozen", roi_heads=roi_heads,
+  module = factory.create(_REGISTRY_NAMES[model], norm="frozen", roi_heads=roi_heads,
                            **{**inferred, **hyperparameters})
   expected = _expected(module, 64)
   fc6, cls_score = ("params", "roi_heads", "box_head", "fc6"), ("params", "roi_heads",
@@ -300,5 +300,5 @@ def _load_rcnn(state, model, **hyperparameters):
   for leaf in ("kernel", "bias"):
     hints[(*cls_score, leaf)] = ("torchvision's num_classes counts the background; the zoo's "
                                  "does not (give it minus one).")
-  variables = _convert(state, _rcnn_rename, expected, f"torchvision ({model})", hints)
+  variables = convert_state(state, _rcnn_rename, expected, f"torchvision ({model})", hints)
   return module, variables
