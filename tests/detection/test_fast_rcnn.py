@@ -22,7 +22,8 @@ from zoo.detection.task import Detection
 from tests.detection import box_reference
 
 TINY = dict(num_classes=3, widths=(4, 4, 8, 8, 8), representation_size=16, dropout_rate=0.0,
-            roi_heads=dict(batch_size_per_image=16, detections_per_image=8, detection_candidates=32))
+            roi_heads=dict(batch_size_per_image=16, detections_per_image=8,
+                           detection_candidates=32))
 RPN = dict(rpn=dict(anchor_sizes=((8, 16, 32),), pre_nms_topk_train=36, post_nms_topk_train=16,
                     pre_nms_topk_test=36, post_nms_topk_test=16, batch_size_per_image=16))
 

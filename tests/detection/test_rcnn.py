@@ -1,6 +1,6 @@
-"""Faster / Mask R-CNN (zoo/detection/two_stage.py, rpn.py, roi_heads.py) and the detection task: shapes, static-shape
-training on images with and without objects, 8 devices vs 1, clear errors, mask pasting
-against a float64 NumPy transcription of detectron2's grid_sample pasting."""
+"""Faster / Mask R-CNN (zoo/detection/two_stage.py, rpn.py, roi_heads.py) and the detection
+task: shapes, static-shape training on images with and without objects, 8 devices vs 1, clear
+errors, mask pasting against a float64 NumPy transcription of detectron2's grid_sample pasting."""
 
 import functools
 
@@ -21,7 +21,8 @@ TINY = dict(num_classes=3, width=4, norm="batch", frozen_stages=-1, fpn_width=8,
             rpn=dict(anchor_sizes=((8,), (16,), (32,), (64,), (128,)), pre_nms_topk_train=64,
                      post_nms_topk_train=32, pre_nms_topk_test=64, post_nms_topk_test=16,
                      batch_size_per_image=32),
-            roi_heads=dict(batch_size_per_image=16, detections_per_image=8, detection_candidates=32))
+            roi_heads=dict(batch_size_per_image=16, detections_per_image=8,
+                           detection_candidates=32))
 MASKS = dict(mask_width=8)
 
 

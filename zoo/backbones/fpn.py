@@ -32,7 +32,8 @@ def _uniform_a1():
 
 
 def nearest_resize(x, size):
-  """torchvision's F.interpolate(mode="nearest", size=size) on (B, h, w, C): src = floor(dst * in / out)."""
+  """torchvision's F.interpolate(mode="nearest", size=size) on (B, h, w, C):
+  src = floor(dst * in / out)."""
   rows = (np.arange(size[0]) * x.shape[1]) // size[0]
   cols = (np.arange(size[1]) * x.shape[2]) // size[1]
   return x[:, rows][:, :, cols]

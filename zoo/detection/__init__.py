@@ -5,7 +5,8 @@
   roi_heads.py      RoI sampling, pooling, box head, mask head, post-processing, mask pasting
                     (ROIHeadsConfig)
   fast_rcnn.py      Fast R-CNN on external proposals: `fast_rcnn_vgg16`
-  two_stage.py      Faster / Mask R-CNN: `faster_rcnn_r50_fpn`, `mask_rcnn_r50_fpn`, `faster_rcnn_vgg16`
+  two_stage.py      Faster / Mask R-CNN: `faster_rcnn_r50_fpn`, `mask_rcnn_r50_fpn`,
+                    `faster_rcnn_vgg16`
   losses.py         the stages' losses (detectron2's)
   task.py           the `detection` task: the training loss, COCO / VOC evaluation
 

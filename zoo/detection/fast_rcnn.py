@@ -134,7 +134,8 @@ class FastRCNN(nn.Module):
                targets: dict | None = None):
     check_inputs("FastRCNN", images, targets, train)
     proposals = jnp.asarray(proposals, jnp.float32)
-    if proposals.ndim != 3 or proposals.shape[-1] != 4 or proposals_valid.shape != proposals.shape[:2]:
+    if (proposals.ndim != 3 or proposals.shape[-1] != 4
+        or proposals_valid.shape != proposals.shape[:2]):
       raise ValueError(f"FastRCNN: proposals must be (B, P, 4) (x1, y1, x2, y2) pixels and "
                        f"proposals_valid (B, P) bool; got shapes {proposals.shape} and "
                        f"{proposals_valid.shape}.")

@@ -207,7 +207,8 @@ def paste_masks(masks, boxes, image_size):
   height, width = image_size
 
   def weights(start, end, size):   # (D, size, M) bilinear weights of each pixel on the grid
-    u = (jnp.arange(size) + 0.5 - start[:, None]) / jnp.maximum(end - start, 1e-6)[:, None] * m - 0.5
+    extent = jnp.maximum(end - start, 1e-6)[:, None]
+    u = (jnp.arange(size) + 0.5 - start[:, None]) / extent * m - 0.5
     return jnp.maximum(0.0, 1.0 - jnp.abs(u[:, :, None] - jnp.arange(m)[None, None, :]))
 
   wy = weights(boxes[:, 1], boxes[:, 3], height)
@@ -365,9 +366,10 @@ class ROIHeads(nn.Module):
     pooled = self.pooler(features, rois, self.pool_size)
     class_logits, box_deltas = self.box_predictor(self.box_head(pooled, train=train))
     if train:
+      gt_class_deltas = jnp.take_along_axis(
+          box_deltas, sampled["classes"][:, :, None, None], axis=2)[:, :, 0]
       outputs = {"box": dict(class_logits=class_logits, valid=rois_valid, **sampled,
-                             deltas=jnp.take_along_axis(
-                                 box_deltas, sampled["classes"][:, :, None, None], axis=2)[:, :, 0])}
+                             deltas=gt_class_deltas)}
       if self.masks:
         outputs["mask"] = self._mask_training(features, rois, sampled, targets)
       return outputs, rois

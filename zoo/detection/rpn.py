@@ -88,7 +88,8 @@ class RPNHead(nn.Module):
     init = nn.initializers.normal(0.01)
     conv = nn.Conv(levels[0].shape[-1], (3, 3), padding=1, kernel_init=init, dtype=self.dtype,
                    name="conv")
-    logits = nn.Conv(self.num_anchors, (1, 1), kernel_init=init, dtype=self.dtype, name="cls_logits")
+    logits = nn.Conv(self.num_anchors, (1, 1), kernel_init=init, dtype=self.dtype,
+                     name="cls_logits")
     deltas = nn.Conv(4 * self.num_anchors, (1, 1), kernel_init=init, dtype=self.dtype,
                      name="bbox_pred")
     out_logits, out_deltas = [], []

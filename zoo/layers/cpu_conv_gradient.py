@@ -5,11 +5,12 @@ Inside a conditional (`nn.cond` / `lax.cond`, where Mask R-CNN's mask head runs:
 slower than outside one (measured when the mask head's chunk skipping came in, commit 550f2b6;
 BENCHMARKS.md "Faster / Mask R-CNN": with both, the Mask R-CNN quick training step,
 `python -m experiments.bench_detection --quick --models=mask_rcnn_r50_fpn` on a 2-core CPU,
-takes 2767 ms per image, torchvision 2728-5265 ms in the same runs). `same_convolution` has the same forward pass and
-a hand-written gradient: for the input, the same convolution of the cotangent with the kernel
-flipped and transposed; for the kernel, one matmul per tap of the shifted input against the
-cotangent. `cpu_gradient_conv_general_dilated` plugs it into `nn.Conv(conv_general_dilated=...)`
-on the CPU only (`jax.lax.platform_dependent`): GPUs and TPUs keep XLA's own gradient.
+takes 2767 ms per image, torchvision 2728-5265 ms in the same runs). `same_convolution` has
+the same forward pass and a hand-written gradient: for the input, the same convolution of the
+cotangent with the kernel flipped and transposed; for the kernel, one matmul per tap of the
+shifted input against the cotangent. `cpu_gradient_conv_general_dilated` plugs it into
+`nn.Conv(conv_general_dilated=...)` on the CPU only (`jax.lax.platform_dependent`): GPUs and
+TPUs keep XLA's own gradient.
 
     conv = nn.Conv(256, (3, 3), padding=1, conv_general_dilated=cpu_gradient_conv_general_dilated)
 """
@@ -72,7 +73,8 @@ def cpu_gradient_conv_general_dilated(inputs, kernel, strides, padding, *, lhs_d
       or kw % 2 == 0 or feature_group_count != 1 or any(d not in (None, 1, (1, 1))
                                                            for d in (lhs_dilation, rhs_dilation))):
     raise ValueError("cpu_gradient_conv_general_dilated takes stride-1 'same' convolutions with "
-                     f"odd kernels; got kernel {kernel.shape}, strides {strides}, padding {padding}.")
+                     f"odd kernels; got kernel {kernel.shape}, strides {strides}, padding "
+                     f"{padding}.")
   del dimension_numbers, precision   # flax's NHWC / HWIO and default precision, as nn.Conv
   return jax.lax.platform_dependent(inputs, kernel, cpu=same_convolution,
                                     default=same_convolution_reference)

@@ -196,7 +196,8 @@ def _load_resnet(state, **hyperparameters):
   _check_names(ResNet, hyperparameters, "resnet50")
   module = ResNet(**{**h, **hyperparameters})
   expected = _expected(module, 64)
-  variables = convert_state(state, lambda n: _resnet_rename(n, ()), expected, "torchvision (resnet50)")
+  variables = convert_state(state, lambda n: _resnet_rename(n, ()), expected,
+                            "torchvision (resnet50)")
   return module, variables
 
 
@@ -290,7 +291,7 @@ def _load_rcnn(state, model, **hyperparameters):
   if not isinstance(roi_heads, ROIHeadsConfig):   # torchvision's pooler unless told otherwise
     roi_heads = {**TORCHVISION_ROI_HEADS, **dict(roi_heads or {})}
   module = factory.create(_REGISTRY_NAMES[model], norm="frozen", roi_heads=roi_heads,
-                           **{**inferred, **hyperparameters})
+                          **{**inferred, **hyperparameters})
   expected = _expected(module, 64)
   fc6, cls_score = ("params", "roi_heads", "box_head", "fc6"), ("params", "roi_heads",
                                                                 "box_predictor", "cls_score")
