@@ -15,10 +15,10 @@ does the same inside the model, so conv5_3 is 8 x 8 cells. At scale 1 it is 4 x 
 covers one or two cells and RoI pooling gives the jittered copies of a digit identical
 features: 600 steps at scale 1 (stage widths 16, 32, 64, 64, 64) reached test box AP 0.021.
 
-Proposals: the embedded data has no Selective Search file, so the model generates 128 per image
-from the ground truth (zoo.detection.proposals: 16 jittered copies of each digit's box, centre
-+-15% of its side, sides x exp(+-0.25), random boxes for the rest), keyed by the example id: the
-same ones in every epoch and in evaluation. Because they come from the ground truth, the box AP
+Proposals: the embedded data has no Selective Search file, so loading the data generates 128 per
+image from the ground truth (config.data.proposals, zoo.data.standin_proposals: 16 jittered
+copies of each digit's box, centre +-15% of its side, sides x exp(+-0.25), random boxes for the
+rest), keyed by the example id: the same ones in every epoch and in evaluation. Because they come from the ground truth, the box AP
 below rates the RoI head (classification and refinement of given regions), not a full detector;
 `:faster` is the full detector. RoI heads sample 64 RoIs per image at 25% positives
 (torchvision's rules).
@@ -69,7 +69,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       image_scale=2.0, pooling="roi_pool", representation_size=256, dropout_rate=0.0,
       roi_heads=dict(batch_size_per_image=64, detections_per_image=16, detection_candidates=256)))
   config.task = ml_collections.ConfigDict(dict(name="detection", num_classes=num_classes,
-                                               proposals="generated"))
+                                               proposals="data"))
   config.data = common.digit_canvases(max_objects=4)
   config.optimizer = common.optimizer(name="adam", learning_rate=1e-3, warmup_steps=50,
                                       grad_clip_norm=10.0)
@@ -88,18 +88,15 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.optimizer.update(name="momentum", learning_rate=1e-3, warmup_steps=0,
                             weight_decay=5e-4)
   if arg.faster:  # an RPN instead of external proposals
-    rpn_batch_size_per_image = ml_collections.FieldReference(64)  # the model's and the task's
     config.model = ml_collections.ConfigDict(dict(
         name="faster_rcnn_vgg16", num_classes=num_classes, widths=(8, 16, 32, 64, 64),
         norm="batch", image_scale=2.0, representation_size=256, dropout_rate=0.0,
         rpn=dict(anchor_sizes=((16, 32, 64),), pre_nms_topk_train=576, post_nms_topk_train=64,
                  pre_nms_topk_test=576, post_nms_topk_test=64,
-                 batch_size_per_image=rpn_batch_size_per_image),
+                 batch_size_per_image=64),
         roi_heads=dict(batch_size_per_image=64, detections_per_image=16,
                        detection_candidates=256)))
-    config.task = ml_collections.ConfigDict(dict(
-        name="detection", num_classes=num_classes,
-        rpn_batch_size_per_image=rpn_batch_size_per_image))
+    config.task = ml_collections.ConfigDict(dict(name="detection", num_classes=num_classes))
   if arg.spp:
     config.model.update(pooling="spp", spp_levels=(1, 2, 4))
   if arg.roi_align:

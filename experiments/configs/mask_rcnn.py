@@ -35,10 +35,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   arg = common.parse_variant(variant, faster=False, voc=False, coco=False, coco_boxes=False,
                              smoke=False)
   common.check_exclusive(arg, "voc", "coco", "coco_boxes")
-  # Values the model and the task must agree on (the task normalises the RPN loss by the
-  # number of anchors the model samples).
-  num_classes = ml_collections.FieldReference(10)
-  rpn_batch_size_per_image = ml_collections.FieldReference(64)
+  num_classes = ml_collections.FieldReference(10)  # the model's and the task's
   config = common.trainer_config(batch_size=8, total_steps=1500, checkpoint_every=250,
                                  eval_every=750, eval_batch_size=32)
   config.model = ml_collections.ConfigDict(dict(
@@ -46,20 +43,18 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       fpn_width=32, representation_size=128, mask_width=32,
       rpn=dict(anchor_sizes=((8,), (16,), (32,), (64,), (128,)), pre_nms_topk_train=256,
                post_nms_topk_train=128, pre_nms_topk_test=256, post_nms_topk_test=64,
-               batch_size_per_image=rpn_batch_size_per_image),
+               batch_size_per_image=64),
       roi_heads=dict(batch_size_per_image=64, detections_per_image=16, detection_candidates=256)))
   config.task = ml_collections.ConfigDict(dict(
-      name="detection", num_classes=num_classes, masks=True,
-      rpn_batch_size_per_image=rpn_batch_size_per_image))
+      name="detection", num_classes=num_classes, masks=True))
   config.data = common.digit_canvases()
   config.optimizer = common.optimizer(name="adam", learning_rate=1e-3, grad_clip_norm=10.0)
 
   if arg.voc or arg.coco or arg.coco_boxes:  # torchvision's R50-FPN detectors on real data
     num_classes.set(20 if arg.voc else 80)
-    rpn_batch_size_per_image.set(256)
     config.model = ml_collections.ConfigDict(dict(
         name="mask_rcnn_r50_fpn", num_classes=num_classes, norm="frozen", frozen_stages=1,
-        rpn=dict(batch_size_per_image=rpn_batch_size_per_image)))
+        rpn=dict(batch_size_per_image=256)))
     config.data.update(name="voc/2007" if arg.voc else "coco/2017_panoptic" if arg.coco else
                        "coco/2017", augment=(), max_objects=100)
     config.eval_split = "test" if arg.voc else "validation"

@@ -272,7 +272,7 @@ def test_inference_gives_padded_detections_and_uses_given_proposals():
     pytest.param("fast_rcnn_vgg16", (("pooling", "roi_align"),), marks=pytest.mark.slow)])
 def test_training_step_is_finite_with_an_image_without_objects(name, overrides):
   model, variables = model_and_variables(name, **dict(overrides), dropout_rate=0.5)
-  task = Detection(3, rpn_batch_size_per_image=16)
+  task = Detection(3)
 
   def loss(params, batch_targets, inputs):
     (outputs, _) = model.apply({**variables, "params": params}, images(), *inputs, train=True,
@@ -361,7 +361,7 @@ def test_training_step_lowers_for_gpu_and_tpu(implementation, name, overrides, p
   from tests.lowering import export, kernel_calls
   model = zoo.create(name, **{**TINY, **(RPN if name == "faster_rcnn_vgg16" else {}),
                               **dict(overrides)})
-  task = Detection(3, rpn_batch_size_per_image=16)
+  task = Detection(3)
   inputs = model_inputs(name, targets())
   variables = jax.eval_shape(lambda key, inputs: model.init(
       {"params": key}, jnp.zeros((1, 64, 64, 3)), *inputs, train=False),

@@ -62,7 +62,7 @@ def test_losses_match_float64_reference_and_the_task(stages):
   assert ("rpn_box" in got) == ("rpn" in stages) and ("mask" in got) == ("mask" in stages)
   for name, value in got.items():
     assert value == pytest.approx(expected[name], rel=1e-5), name
-  task = Detection(4, masks="mask" in stages, rpn_batch_size_per_image=8)
+  task = Detection(4, masks="mask" in stages)
   _, metrics = task.loss(outputs, {})
   for name, value in got.items():
     assert float(metrics[name]) == pytest.approx(value, rel=1e-6), name

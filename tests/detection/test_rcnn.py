@@ -54,7 +54,7 @@ def model_and_variables(masks=True):
 def training_loss(masks=True):
   """jitted (variables, images, targets, key) -> ((loss, metrics), grads)."""
   model, _ = model_and_variables(masks)
-  task = Detection(3, masks=masks, rpn_batch_size_per_image=32)
+  task = Detection(3, masks=masks)
 
   @jax.jit
   def run(variables, images, batch_targets, key):
@@ -122,7 +122,7 @@ def test_mask_chunks_change_nothing_but_unused_slots():
   _, variables = model_and_variables()
   one_chunk = zoo.create("mask_rcnn_r50_fpn", **TINY, **MASKS, mask_chunk=1000)
   per_slot = zoo.create("mask_rcnn_r50_fpn", **TINY, **MASKS, mask_chunk=1)
-  task = Detection(3, masks=True, rpn_batch_size_per_image=32)
+  task = Detection(3, masks=True)
   images = jnp.asarray(np.random.default_rng(6).random((2, 64, 64, 3)), jnp.float32)
   batch_targets = targets(batch=2, empty_image=1)
 
@@ -172,7 +172,7 @@ def test_training_step_and_inference_lower_for_gpu_and_tpu(implementation):
   CUDA and TPU, kernels lowered for real: what interpret mode hides, e.g. the GPU RoIAlign's
   shared memory for 28 x 28 mask targets (those run as xla on GPUs)."""
   model = zoo.create("mask_rcnn_r50_fpn", **TINY, **MASKS)
-  task = Detection(3, masks=True, rpn_batch_size_per_image=32)
+  task = Detection(3, masks=True)
   variables = jax.eval_shape(
       lambda key: model.init({"params": key}, jnp.zeros((1, 64, 64, 3)), train=False),
       jax.random.key(0))

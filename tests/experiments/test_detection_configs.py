@@ -8,7 +8,7 @@ import math
 import pytest
 
 from experiments.configs import deeplab, fast_rcnn, fcn, mask_rcnn
-from experiments.make_proposals import split_proposals
+from zoo.data.standin_proposals import split_proposals
 from zoo import training
 from zoo.data import load_data_source, proposal_files
 from zoo.training.trainer import create_model
@@ -87,7 +87,7 @@ def test_fast_rcnn_trains_from_proposal_files(tiny_data_dir, tmp_path):
   for split in ("train", "validation"):
     boxes = split_proposals(load_data_source(DATASET, split, data_dir=tiny_data_dir),
                             num_proposals=config.data.max_proposals,
-                            copies=config.model.proposal_copies, seed=0,
+                            copies=16, seed=0,
                             max_objects=config.data.max_objects)
     proposal_files.save_proposals(pattern.replace("{split}", split), boxes)
   results = training.train_and_evaluate(config, str(tmp_path / "run"))

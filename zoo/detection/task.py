@@ -1,12 +1,7 @@
 """Object detection and instance segmentation as a trainer task (Faster / Mask R-CNN).
 
-Losses are detectron2's defaults, from the targets the model sampled (zoo.detection.rcnn):
-- RPN (when the outputs have one; Fast R-CNN has none): binary cross-entropy of the sampled
-  anchors' objectness, and L1 (smooth L1 with beta 0) of the positive anchors' deltas, both
-  summed and divided by rpn_batch_size_per_image x B;
-- box head: softmax cross-entropy over the sampled RoIs (mean), L1 of the positive RoIs'
-  gt-class deltas summed and divided by the number of sampled RoIs;
-- mask head: per-pixel binary cross-entropy of the positive RoIs' gt-class masks (mean).
+The loss is the sum of every stage's losses (detectron2's defaults, zoo.detection.losses), from
+the targets the model sampled in training (zoo.detection.rpn, zoo.detection.roi_heads).
 
 Evaluation collects every image's detections (a ConcatenatingEvaluator joins them over the
 split) and scores them as the benchmark named by `evaluation` does, with `zoo.metrics`:
@@ -38,18 +33,12 @@ model as keyword arguments in training and evaluation; None = the model proposes
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from zoo.detection.roi_heads import paste_masks
 from zoo import visualization
+from zoo.detection.losses import detection_losses
+from zoo.detection.roi_heads import paste_masks
 from zoo.metrics import coco
 from zoo.training.task import ConcatenatingEvaluator, Task, check_labels, register_task
-
-
-def _l1(x, y, weight):
-  # where, not a product: the targets of unmatched slots in an image without objects are
-  # encoded against a zero-size box (-inf), and inf * 0 is NaN under jit.
-  return jnp.sum(jnp.where(weight, jnp.abs(x - y).sum(-1), 0.0))
 
 
 def _completed(outputs: dict) -> dict:
@@ -70,7 +59,7 @@ class Detection(Task):
   `proposals_valid` (B, P), in training and evaluation.
   """
 
-  def __init__(self, num_classes: int, masks: bool = False, rpn_batch_size_per_image: int = 256,
+  def __init__(self, num_classes: int, masks: bool = False,
                proposals: str | None = None, evaluation: str = "coco"):
     if evaluation not in ("coco", "voc2007", "voc"):
       raise ValueError(f"Detection evaluation must be 'coco' (COCO AP), 'voc2007' (VOC2007's "
@@ -83,7 +72,6 @@ class Detection(Task):
                        f"(the batch's proposals: set config.data.proposals); got {proposals!r}.")
     self.num_classes = num_classes
     self.masks = masks
-    self.rpn_batch_size_per_image = rpn_batch_size_per_image
     self.proposals = proposals
     self.evaluation = evaluation
     self._targets = ("boxes", "labels", "objects_valid") + (("instance_masks",) if masks else ())
@@ -115,23 +103,9 @@ class Detection(Task):
     return inputs
 
   def loss(self, outputs, batch):
-    box = outputs["box"]
-    losses = {}
-    if "rpn" in outputs:
-      rpn = outputs["rpn"]
-      normalizer = self.rpn_batch_size_per_image * rpn["logits"].shape[0]
-      losses["rpn_objectness"] = jnp.sum(optax.sigmoid_binary_cross_entropy(
-          rpn["logits"], rpn["labels"]) * rpn["valid"]) / normalizer
-      losses["rpn_box"] = _l1(rpn["deltas"], rpn["target_deltas"], rpn["positive"]) / normalizer
-    sampled = jnp.maximum(box["valid"].sum(), 1)
-    box_cls = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
-        box["class_logits"], box["classes"]) * box["valid"]) / sampled
-    box_reg = _l1(box["deltas"], box["target_deltas"], box["positive"]) / sampled
-    losses.update(box_cls=box_cls, box_reg=box_reg)
-    if self.masks:
-      mask = outputs["mask"]
-      per_roi = optax.sigmoid_binary_cross_entropy(mask["logits"], mask["targets"]).mean((-2, -1))
-      losses["mask"] = jnp.sum(per_roi * mask["valid"]) / jnp.maximum(mask["valid"].sum(), 1)
+    """The sum of every stage's losses (zoo.detection.losses), each also a metric."""
+    del batch  # the model sampled its targets from it
+    losses = detection_losses(outputs)
     total = sum(losses.values())
     return total, dict(losses, loss=total)
 
