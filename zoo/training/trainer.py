@@ -37,7 +37,7 @@ import numpy as np
 import optax
 from absl import logging
 
-import zoo
+from zoo import factory
 from zoo.data import load_data_source, pipeline
 from zoo.training import checkpoint as checkpoint_lib
 from zoo.training import mesh as mesh_lib
@@ -75,7 +75,7 @@ class Diverged(ValueError):
 def create_model(model_config) -> nn.Module:
   """`zoo.create(model_config.name, **other fields)`."""
   kwargs = {k: v for k, v in model_config.items() if k != "name"}
-  return zoo.create(model_config.name, **kwargs)
+  return factory.create(model_config.name, **kwargs)
 
 
 def create_train_state(model: nn.Module, optimizer: optax.GradientTransformation, rng,
