@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from kernels import common
@@ -43,7 +44,8 @@ def _backend(implementation: str):
 
 
 def check_box_arguments(features, boxes, box_indices, op: str) -> None:
-  """Checks the (features, boxes, box_indices) triple every RoI op takes."""
+  """Checks the (features, boxes, box_indices) triple every RoI op takes: shapes and dtypes,
+  and, where the values are concrete (not traced), finite boxes and indices in [0, N)."""
   if jnp.ndim(features) != 4:
     raise ValueError(f"{op}: features must have rank 4, (N, H, W, C) channels-last, got shape "
                      f"{jnp.shape(features)}.")
@@ -58,6 +60,37 @@ def check_box_arguments(features, boxes, box_indices, op: str) -> None:
   if not jnp.issubdtype(jnp.result_type(box_indices), jnp.integer):
     raise ValueError(f"{op}: box_indices must be integers (batch index of each box), got "
                      f"{jnp.result_type(box_indices)}.")
+  _check_box_values(features, boxes, box_indices, op)
+
+
+def _concrete(x) -> np.ndarray | None:
+  """x as a NumPy array, or None for a tracer (under jit, vmap or grad its values are unknown)."""
+  return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
+
+
+def _check_box_values(features, boxes, box_indices, op: str) -> None:
+  """ValueError for a non-finite box or an index outside [0, N), where the values are concrete.
+
+  Traced values cannot be checked: there such a box pools nothing (output 0, no gradient),
+  see `kernels.roi.geometry`.
+  """
+  n = jnp.shape(features)[0]
+  indices = _concrete(box_indices)
+  if indices is not None:
+    bad = np.flatnonzero((indices < 0) | (indices >= n))
+    if bad.size:
+      k = int(bad[0])
+      raise ValueError(f"{op}: box_indices[{k}] = {int(indices[k])} is outside [0, {n}) for "
+                       f"features of {n} images ({bad.size} such boxes); pass each box's image "
+                       "index in [0, N), or drop the box.")
+  values = _concrete(boxes)
+  if values is not None:
+    bad = np.flatnonzero(~np.all(np.isfinite(values), axis=1))
+    if bad.size:
+      k = int(bad[0])
+      raise ValueError(f"{op}: boxes[{k}] = {values[k].tolist()} has a non-finite coordinate "
+                       f"({bad.size} such boxes); drop those boxes or clip them to the image "
+                       "(e.g. keep = jnp.all(jnp.isfinite(boxes), axis=1)).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,11 +228,15 @@ def roi_align(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
 
   Args:
     features: (N, H, W, C) float32 or bfloat16 feature maps.
-    boxes: (K, 4) float (x1, y1, x2, y2) in input-image pixels.
+    boxes: (K, 4) float (x1, y1, x2, y2) in input-image pixels, finite.
     box_indices: (K,) int32 image of each box, in [0, N).
     output_size: out_h = out_w, or (out_h, out_w).
     spatial_scale: feature cells per input pixel (1 / stride).
-    sampling_ratio: samples per bin along each axis; <= 0 means ceil(roi_size / output_size).
+    sampling_ratio: samples per bin along each axis; <= 0 means ceil(roi_size / output_size)
+      (adaptive, torchvision's rule) for boxes up to max(10 map sizes, 256 cells) across (H
+      along y, W along x); a larger box gets the count of one that size, so no box can hang a
+      step (torchvision's uncapped count gives a box with a 1e8 coordinate ~2^31 samples per
+      bin; kernels.roi.geometry.ADAPTIVE_EXTENT and ADAPTIVE_MIN_CAP).
     aligned: shift boxes by -0.5 cell (pixel-centre model, ROIAlignV2); False is the
       Mask R-CNN paper's original, which also forces boxes to at least 1x1 cell.
     implementation: "auto", "xla", "pallas_gpu" (Mosaic GPU, Hopper and newer; outputs of at
@@ -212,6 +249,11 @@ def roi_align(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
   Returns:
     (K, out_h, out_w, C) in the features' dtype, accumulated in float32. Differentiable with
     respect to `features` (deterministic backward); boxes get no gradient.
+
+  Raises:
+    ValueError: for a box with a non-finite coordinate or an index outside [0, N), when boxes
+      and box_indices are concrete. Traced (under jit, vmap or grad) they cannot be checked:
+      such a box then pools nothing (output 0, no gradient to the features).
   """
   features, boxes, box_indices = jnp.asarray(features), jnp.asarray(boxes), jnp.asarray(box_indices)
   check_box_arguments(features, boxes, box_indices, "roi_align")
@@ -222,8 +264,8 @@ def roi_align(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
   implementation = common.resolve_implementation(implementation, "roi_align")
   implementation = _unless_gpu_cannot(requested, implementation, [features.shape], features.dtype,
                                       out_h, out_w, block_sizes, "roi_align")
-  geometry = box_geometry(boxes, box_indices, features.shape[0], (out_h, out_w), spatial_scale,
-                          sampling_ratio, bool(aligned), active)
+  geometry = box_geometry(boxes, box_indices, features.shape[0], (out_h, out_w),
+                          features.shape[1:3], spatial_scale, sampling_ratio, bool(aligned), active)
   static = _Static(tuple(features.shape), jnp.dtype(features.dtype), out_h, out_w, implementation,
                    block_sizes)
   return _roi_align(static, features, geometry)
@@ -255,6 +297,8 @@ def multilevel_roi_align(features_per_level: Sequence[jax.Array], boxes: jax.Arr
     strides: the levels' strides in input pixels, powers of two increasing by 2x, e.g.
       (4, 8, 16, 32) for P2-P5; level l has stride 2**l.
     canonical_box_size, canonical_level: a box of this size (pixels) maps to this level.
+    Non-finite boxes and indices outside [0, N): as `roi_align` (ValueError when concrete,
+    output 0 when traced).
 
   Returns:
     (K, out_h, out_w, C). Static shapes: the XLA version flattens the levels into one array
@@ -347,10 +391,10 @@ def _xla_multilevel(features_per_level, boxes, box_indices, level_index, output_
   for h, w in zip(heights, widths):
     offsets.append(offsets[-1] + n * h * w)
   per_box = lambda values, dtype: jnp.asarray(values, dtype)[level_index]
-  geometry = box_geometry(boxes, box_indices, n, (out_h, out_w),
+  height, width = per_box(heights, jnp.int32), per_box(widths, jnp.int32)
+  geometry = box_geometry(boxes, box_indices, n, (out_h, out_w), (height, width),
                           per_box([1.0 / s for s in strides], jnp.float32), sampling_ratio,
                           bool(aligned))
-  height, width = per_box(heights, jnp.int32), per_box(widths, jnp.int32)
   maps = FlatMaps(per_box(offsets[:-1], jnp.int32) + geometry.batch * height * width, height, width)
   flat = jnp.concatenate([f.astype(dtype).reshape(-1, c) for f in features_per_level])
   return _flat_roi_align(_FlatStatic(out_h, out_w, offsets[-1], jnp.dtype(dtype)), flat,
@@ -425,8 +469,8 @@ def roi_pool(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
 
   Args:
     features: (N, H, W, C) float32 or bfloat16.
-    boxes: (K, 4) float (x1, y1, x2, y2) in input-image pixels.
-    box_indices: (K,) int32 image of each box.
+    boxes: (K, 4) float (x1, y1, x2, y2) in input-image pixels, finite.
+    box_indices: (K,) int32 image of each box, in [0, N).
     output_size: out_h = out_w, or (out_h, out_w).
     spatial_scale: feature cells per input pixel (1 / stride).
     implementation: "auto", "xla" (a loop over the cells of the largest bin, memory
@@ -440,6 +484,11 @@ def roi_pool(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
     The gradient goes to each bin's first maximum in row-major order: a scatter-add for "xla"
     and "pallas_tpu" (deterministic on CPU and TPU, and on GPU under XLA's deterministic-ops
     flag), a gather kernel without atomics for "pallas_gpu".
+
+  Raises:
+    ValueError: for a box with a non-finite coordinate or an index outside [0, N), when boxes
+      and box_indices are concrete. Traced (under jit, vmap or grad), such a box gets empty
+      bins (output 0, no gradient).
   """
   features, boxes, box_indices = jnp.asarray(features), jnp.asarray(boxes), jnp.asarray(box_indices)
   check_box_arguments(features, boxes, box_indices, "roi_pool")
@@ -461,7 +510,8 @@ def spatial_pyramid_pool(features: jax.Array, boxes: jax.Array, box_indices: jax
   """SPPnet pooling (He et al. 2014, section 2.3): max pooling of each box at several grids.
 
   Fast R-CNN's RoI pooling is the one-level case; here each level is `roi_pool` with an
-  l x l output, flattened and concatenated, so every box gives a fixed-length vector.
+  l x l output, flattened and concatenated, so every box gives a fixed-length vector. Non-finite
+  boxes and indices outside [0, N): as `roi_pool` (ValueError when concrete, 0 when traced).
 
   Returns:
     (K, sum(l * l for l in levels) * C): for each level in order, the (l, l, C) bins

@@ -7,11 +7,22 @@ grid_h x grid_w bilinear samples at
 
 where y_start = y1 * spatial_scale - 0.5 (aligned) or y1 * spatial_scale (not aligned),
 bin_h = roi_h / out_h, roi_h = (y2 - y1) * spatial_scale (at least 1 when not aligned), and
-grid_h = sampling_ratio, or ceil(roi_h / out_h) when sampling_ratio <= 0 (adaptive).
+grid_h = sampling_ratio, or ceil(min(roi_h, cap_h) / out_h) when sampling_ratio <= 0 (adaptive;
+W and cap_w along x), cap_h = max(ADAPTIVE_EXTENT * H, ADAPTIVE_MIN_CAP) cells. torchvision's
+count has no cap, so a box with a huge or infinite coordinate asks for ~2^31 samples per bin and
+its kernel never finishes; here a box taller than cap_h gets the samples of one exactly that tall,
+so a box costs at most (cap_h / H) * (cap_w / W) times one just covering the map, and every box up
+to cap_h x cap_w cells, inside the map or not, gets torchvision's count (the tests compare boxes
+up to ~31 times a 2 x 3 map's size with torchvision's arithmetic).
+A box with a non-finite coordinate or an image index outside [0, N) gets no samples (output 0);
+`kernels.roi.api` rejects both with a ValueError before this when its inputs are concrete.
 
 RoIPool (`bin_bounds`): box corners rounded to cells (half away from zero), the box at least
 1x1 cell with an inclusive width (end - start + 1); bin (ph, pw) covers rows
 [floor(ph * bin_h), ceil((ph + 1) * bin_h)) + start_h clipped to [0, H] (columns likewise).
+Corners are clamped to [-2^24, 2^24] cells before rounding to int32 (no overflow; no effect on a
+box within the map); a box with a non-finite coordinate or an index outside [0, N) gets empty
+bins (output 0).
 
 The Pallas kernels (TPU and Mosaic GPU) walk the map in tiles of `BlockSizes`; `tile_plan` fixes a
 call's static shapes, `scalar_tables` / `tile_tables` the per-box scalars they read from SMEM.
@@ -27,6 +38,8 @@ from jax import lax
 from kernels.common import divide, round_up
 
 LOWEST = float(jnp.finfo(jnp.float32).min)  # torchvision's -FLT_MAX start value of a RoIPool bin
+ADAPTIVE_EXTENT = 10     # RoIAlign's adaptive sample count sees a box as at most 10 map sizes
+ADAPTIVE_MIN_CAP = 256   # or 256 cells across, whichever is larger
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,17 +66,38 @@ class BoxGeometry(NamedTuple):
   grid_w: jax.Array
 
 
-def box_geometry(boxes, box_indices, num_images, output_size, spatial_scale, sampling_ratio,
-                 aligned, active=None) -> BoxGeometry:
+def valid_boxes(boxes, box_indices, num_images):
+  """(K,) bool: the box's coordinates are finite and its image index is in [0, num_images)."""
+  finite = jnp.all(jnp.isfinite(boxes), axis=1)
+  return finite & (box_indices >= 0) & (box_indices < num_images)
+
+
+def _adaptive_grid(roi_size, n_out, map_size):
+  """(K,) int32 ceil(min(roi_size, cap) / n_out), cap = max(ADAPTIVE_EXTENT * map_size,
+  ADAPTIVE_MIN_CAP); <= 0 for a reversed box (its size clipped at -cap: an int32 holds it)."""
+  cap = jnp.maximum(jnp.asarray(map_size, jnp.float32) * ADAPTIVE_EXTENT, ADAPTIVE_MIN_CAP)
+  extent = jnp.clip(roi_size, -cap, cap)
+  return jnp.ceil(divide(extent, n_out)).astype(jnp.int32)
+
+
+def box_geometry(boxes, box_indices, num_images, output_size, map_size, spatial_scale,
+                 sampling_ratio, aligned, active=None) -> BoxGeometry:
   """torchvision's per-box arithmetic, in float32. `active` (K,) bool: False gives no samples.
 
+  map_size: (H, W) of the map each box samples, ints or (K,) int32 arrays; the adaptive grid
+    counts a box as at most cap_h x cap_w cells (module docstring). Boxes with a non-finite
+    coordinate or an index outside [0, num_images) get no samples and all-zero coordinates.
   spatial_scale: a float, or a (K,) float32 array (each box's own map's scale).
   """
   out_h, out_w = output_size
+  height, width = map_size
   boxes = lax.stop_gradient(boxes).astype(jnp.float32)
   offset = 0.5 if aligned else 0.0
   spatial_scale = jnp.asarray(spatial_scale, jnp.float32)   # a float, or (K,) one per box
-  x1, y1, x2, y2 = (boxes[:, i] * spatial_scale - offset for i in range(4))
+  scaled = boxes * jnp.reshape(spatial_scale, (-1, 1))
+  valid = valid_boxes(scaled, box_indices, num_images)
+  scaled = jnp.where(valid[:, None], scaled, 0.0)
+  x1, y1, x2, y2 = (scaled[:, i] - offset for i in range(4))
   roi_w, roi_h = x2 - x1, y2 - y1
   if not aligned:  # torchvision forces malformed RoIs to 1x1 in the legacy mode
     roi_w, roi_h = jnp.maximum(roi_w, 1.0), jnp.maximum(roi_h, 1.0)
@@ -71,12 +105,13 @@ def box_geometry(boxes, box_indices, num_images, output_size, spatial_scale, sam
   if sampling_ratio > 0:
     grid_h = jnp.full(boxes.shape[:1], sampling_ratio, jnp.int32)
     grid_w = grid_h
-  else:
-    grid_h = jnp.ceil(bin_h).astype(jnp.int32)
-    grid_w = jnp.ceil(bin_w).astype(jnp.int32)
+  else:  # bounded in float32 before the cast: a huge box's count would not fit an int32
+    grid_h = _adaptive_grid(roi_h, out_h, height)
+    grid_w = _adaptive_grid(roi_w, out_w, width)
   if active is not None:
-    grid_h = jnp.where(active, grid_h, 0)
-    grid_w = jnp.where(active, grid_w, 0)
+    valid = valid & active
+  grid_h = jnp.where(valid, grid_h, 0)
+  grid_w = jnp.where(valid, grid_w, 0)
   batch = jnp.clip(box_indices.astype(jnp.int32), 0, num_images - 1)
   return BoxGeometry(batch, y1, bin_h, grid_h, x1, bin_w, grid_w)
 
@@ -115,7 +150,9 @@ def bin_bounds(boxes, box_indices, shape, output_size, spatial_scale) -> BinBoun
   """torchvision's roi_pool bin arithmetic (float32 box sizes, int cells)."""
   _, height, width, _ = shape
   out_h, out_w = output_size
-  corners = _round_half_away(lax.stop_gradient(boxes).astype(jnp.float32) * jnp.float32(spatial_scale))
+  scaled = lax.stop_gradient(boxes).astype(jnp.float32) * jnp.float32(spatial_scale)
+  valid = valid_boxes(scaled, box_indices, shape[0])
+  corners = _round_half_away(jnp.clip(jnp.where(valid[:, None], scaled, 0.0), -2.0**24, 2.0**24))
   corners = corners.astype(jnp.int32)
   x1, y1, x2, y2 = (corners[:, i] for i in range(4))
 
@@ -128,6 +165,8 @@ def bin_bounds(boxes, box_indices, shape, output_size, spatial_scale) -> BinBoun
 
   h_start, h_end = axis(y1, y2, out_h, height)
   w_start, w_end = axis(x1, x2, out_w, width)
+  h_end = jnp.where(valid[:, None], h_end, h_start)  # invalid boxes: empty bins
+  w_end = jnp.where(valid[:, None], w_end, w_start)
   batch = jnp.clip(box_indices.astype(jnp.int32), 0, shape[0] - 1)
   return BinBounds(batch, h_start, h_end, w_start, w_end)
 

@@ -8,6 +8,7 @@ random seed (shown when it fails); ZOO_TEST_SEED=<base seed> replays it (tests/c
 """
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -505,3 +506,60 @@ def test_xla_multilevel_equals_roi_align_per_level(rng, seed, sampling_ratio, al
   out_v = jax.jit(jax.vmap(multilevel, in_axes=(0, 0, None)))(stacked, stacked_boxes, args[2])
   expected_v = jax.jit(jax.vmap(per_level, in_axes=(0, 0, None)))(stacked, stacked_boxes, args[2])
   assert_close(out_v, expected_v, seed, "vmapped multilevel vs per-level")
+
+
+# ----------------------------------------------------------------------------------------
+# Boxes that cannot be pooled: out-of-range image indices and non-finite coordinates.
+
+
+@pytest.mark.parametrize("boxes, box_indices, message", [
+    ([[1.0, 1.0, 6.0, 6.0]], [5], r"box_indices\[0\] = 5 is outside \[0, 2\)"),
+    ([[1.0, 1.0, 6.0, 6.0], [0.0, 0.0, 3.0, 3.0]], [0, -1], r"box_indices\[1\] = -1"),
+    ([[np.nan, 1.0, 6.0, 6.0]], [0], r"boxes\[0\] = \[nan, 1.0, 6.0, 6.0\] has a non-finite"),
+    ([[0.0, 0.0, np.inf, 10.0]], [1], r"boxes\[0\] = \[0.0, 0.0, inf, 10.0\] has a non-finite"),
+])
+def test_concrete_unpoolable_boxes_raise_value_error(boxes, box_indices, message):
+  features = jnp.ones((2, 12, 14, 3), jnp.float32)
+  boxes, box_indices = jnp.asarray(boxes, jnp.float32), jnp.asarray(box_indices, jnp.int32)
+  start = time.perf_counter()
+  with pytest.raises(ValueError, match=message):
+    kernels.roi_align(features, boxes, box_indices, 7)
+  with pytest.raises(ValueError, match=message):
+    kernels.multilevel_roi_align([features, features[:, ::2, ::2]], boxes, box_indices, 7,
+                                 strides=(4, 8), implementation="xla")
+  assert time.perf_counter() - start < 10
+
+
+def test_unpoolable_boxes_under_jit_pool_nothing_and_return_quickly(rng, seed):
+  """Traced, the values cannot be checked: a non-finite box or an index outside [0, N) gives
+  zeros (and no gradient), and a box with a huge coordinate is sampled at the bounded adaptive
+  count (torchvision's would be ~2^31 samples per bin: a hang)."""
+  features = jnp.asarray(rng.standard_normal((2, 12, 14, 3)), jnp.float32)
+  good = [1.0, 2.0, 9.0, 8.0]
+  boxes = jnp.asarray([good, [0, 0, np.inf, 10], [np.nan, 1, 6, 6], good, [0, 0, 1e8, 10],
+                       [-np.inf, -np.inf, np.inf, np.inf], [-1e8, -1e8, 1e8, 1e8]], jnp.float32)
+  box_indices = jnp.asarray([1, 0, 1, 5, 1, 0, 0], jnp.int32)
+
+  @jax.jit
+  def run(features, boxes, box_indices):
+    pool = lambda f: kernels.roi_align(f, boxes, box_indices, 7, implementation="xla")
+    out, vjp = jax.vjp(pool, features)
+    return out, vjp(jnp.ones_like(out))[0]
+
+  start = time.perf_counter()
+  out, grad = jax.block_until_ready(run(features, boxes, box_indices))
+  out, grad = np.asarray(out), np.asarray(grad)
+  assert time.perf_counter() - start < 10, "a huge box must not hang the step"
+  assert np.all(np.isfinite(out)) and np.all(np.isfinite(grad)), f"random seed {seed}"
+  np.testing.assert_array_equal(out[[1, 2, 3, 5]], 0.0, err_msg=f"random seed {seed}")
+  expected = kernels.roi_align(features, boxes[:1], box_indices[:1], 7, implementation="xla")
+  np.testing.assert_array_equal(out[0], expected[0], err_msg=f"random seed {seed}")
+  # The same under vmap, and in the multi-level version.
+  out_v = jax.jit(jax.vmap(lambda b, i: kernels.roi_align(features, b, i, 7), in_axes=(0, None)))(
+      jnp.stack([boxes, boxes]), box_indices)
+  np.testing.assert_array_equal(out_v[1], out, err_msg=f"random seed {seed}")
+  multilevel = jax.jit(lambda b, i: kernels.multilevel_roi_align(
+      [features, features[:, ::2, ::2]], b, i, 7, strides=(4, 8), implementation="xla"))
+  out_m = np.asarray(multilevel(boxes, box_indices))
+  assert np.all(np.isfinite(out_m)), f"random seed {seed}"
+  np.testing.assert_array_equal(out_m[[1, 2, 3, 5]], 0.0, err_msg=f"random seed {seed}")

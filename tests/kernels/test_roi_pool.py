@@ -8,6 +8,7 @@ prints its random seed and ZOO_TEST_SEED=<base seed> replays it (tests/conftest.
 """
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -333,3 +334,58 @@ def test_spatial_pyramid_pool_bad_arguments_raise_value_error():
     kernels.spatial_pyramid_pool(features, boxes, box_indices[:1])
   with pytest.raises(ValueError, match="implementation"):
     kernels.spatial_pyramid_pool(features, boxes, box_indices, implementation="tpu")
+
+
+# ----------------------------------------------------------------------------------------
+# Boxes that cannot be pooled: out-of-range image indices and non-finite coordinates.
+
+
+@pytest.mark.parametrize("boxes, box_indices, message", [
+    ([[1.0, 1.0, 6.0, 6.0]], [5], r"box_indices\[0\] = 5 is outside \[0, 2\)"),
+    ([[1.0, 1.0, 6.0, 6.0], [0.0, 0.0, 3.0, 3.0]], [0, -1], r"box_indices\[1\] = -1"),
+    ([[np.nan, 1.0, 6.0, 6.0]], [0], r"boxes\[0\] = \[nan, 1.0, 6.0, 6.0\] has a non-finite"),
+    ([[0.0, 0.0, np.inf, 10.0]], [1], r"boxes\[0\] = \[0.0, 0.0, inf, 10.0\] has a non-finite"),
+])
+def test_concrete_unpoolable_boxes_raise_value_error(boxes, box_indices, message):
+  features = jnp.ones((2, 12, 14, 3), jnp.float32)
+  boxes, box_indices = jnp.asarray(boxes, jnp.float32), jnp.asarray(box_indices, jnp.int32)
+  start = time.perf_counter()
+  with pytest.raises(ValueError, match=message):
+    kernels.roi_pool(features, boxes, box_indices, 7)
+  with pytest.raises(ValueError, match=message):
+    kernels.spatial_pyramid_pool(features, boxes, box_indices)
+  assert time.perf_counter() - start < 10
+
+
+def test_unpoolable_boxes_under_jit_pool_nothing(rng, seed):
+  """Traced, the values cannot be checked: a non-finite box or an index outside [0, N) gets
+  empty bins (zeros, no gradient) instead of NaN arithmetic's garbage or another image;
+  a box with a huge finite coordinate is clipped to the map as any other."""
+  features = jnp.asarray(rng.standard_normal((2, 12, 14, 3)), jnp.float32)
+  good = [1.0, 2.0, 9.0, 8.0]
+  boxes = jnp.asarray([good, [0, 0, np.inf, 10], [np.nan, 1, 6, 6], good, [0, 0, 1e8, 10],
+                       [-np.inf, -np.inf, np.inf, np.inf], [-1e8, -1e8, 1e8, 1e8]], jnp.float32)
+  box_indices = jnp.asarray([1, 0, 1, 5, 1, 0, 0], jnp.int32)
+
+  @jax.jit
+  def run(features, boxes, box_indices):
+    pool = lambda f: kernels.roi_pool(f, boxes, box_indices, 7, implementation="xla")
+    out, vjp = jax.vjp(pool, features)
+    return out, vjp(jnp.ones_like(out))[0]
+
+  start = time.perf_counter()
+  out, grad = jax.block_until_ready(run(features, boxes, box_indices))
+  assert time.perf_counter() - start < 10
+  out, grad = np.asarray(out), np.asarray(grad)
+  assert np.all(np.isfinite(out)) and np.all(np.isfinite(grad)), f"random seed {seed}"
+  np.testing.assert_array_equal(out[[1, 2, 3, 5]], 0.0, err_msg=f"random seed {seed}")
+  expected = kernels.roi_pool(features, boxes[:1], box_indices[:1], 7, implementation="xla")
+  np.testing.assert_array_equal(out[0], expected[0], err_msg=f"random seed {seed}")
+  # A box of +-1e8 cells: its middle bin covers the whole map, the others lie beyond it.
+  np.testing.assert_array_equal(out[6, 3, 3], np.max(features[0], axis=(0, 1)),
+                                err_msg=f"random seed {seed}")
+  np.testing.assert_array_equal(np.delete(out[6].reshape(49, -1), 24, axis=0), 0.0,
+                                err_msg=f"random seed {seed}")
+  spp = jax.jit(lambda b, i: kernels.spatial_pyramid_pool(features, b, i))(boxes, box_indices)
+  assert np.all(np.isfinite(spp)), f"random seed {seed}"
+  np.testing.assert_array_equal(np.asarray(spp)[[1, 2, 3, 5]], 0.0, err_msg=f"random seed {seed}")
