@@ -563,3 +563,19 @@ def test_unpoolable_boxes_under_jit_pool_nothing_and_return_quickly(rng, seed):
   out_m = np.asarray(multilevel(boxes, box_indices))
   assert np.all(np.isfinite(out_m)), f"random seed {seed}"
   np.testing.assert_array_equal(out_m[[1, 2, 3, 5]], 0.0, err_msg=f"random seed {seed}")
+
+
+@pytest.mark.parametrize("implementation", [i for i in IMPLEMENTATIONS if i != "xla"])
+def test_pallas_kernels_pool_nothing_from_unpoolable_boxes(rng, seed, implementation):
+  """The Pallas kernels (interpret mode on a CPU) give the XLA version's zeros for traced
+  unpoolable boxes, and its numbers for the good box and the huge one beside them."""
+  features = jnp.asarray(rng.standard_normal((1, 16, 16, 8)), jnp.float32)
+  boxes = jnp.asarray([[1, 1, 9, 9], [0, 0, np.inf, 10], [0, 0, 1e8, 10], [1, 1, 9, 9]],
+                      jnp.float32)
+  box_indices = jnp.asarray([0, 0, 0, 3], jnp.int32)
+  for op in (kernels.roi_align, kernels.roi_pool):
+    run = jax.jit(lambda b, i, impl: op(features, b, i, 7, implementation=impl),
+                  static_argnums=2)
+    out = np.asarray(run(boxes, box_indices, implementation))
+    np.testing.assert_array_equal(out[[1, 3]], 0.0, err_msg=f"{op.__name__}, random seed {seed}")
+    assert_close(out, run(boxes, box_indices, "xla"), seed, f"{op.__name__}, {implementation}")
