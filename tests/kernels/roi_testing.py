@@ -1,6 +1,9 @@
 """What the RoI kernel tests share: the implementations under test, their parameters, closeness."""
 
+import time
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -64,3 +67,27 @@ BAD_ARGUMENTS = pytest.mark.parametrize(
             "fewer_indices", "more_indices", "output_size_0", "output_size_negative",
             "output_width_0", "output_height_0", "implementation_cuda", "implementation_gpu",
             "implementation_pallas"])
+
+
+def unpoolable_boxes():
+  """(boxes (7, 4) float32, box_indices (7,) int32) for 2 images of at least 12 x 14: box 0 (and
+  3's coordinates) a good box; unpoolable ones: 1 an infinite corner, 2 a NaN, 3 image 5,
+  5 every corner infinite; huge finite ones: 4 ([0, 0, 1e8, 10]) and 6 (+-1e8)."""
+  good = [1.0, 2.0, 9.0, 8.0]
+  boxes = jnp.asarray([good, [0, 0, np.inf, 10], [np.nan, 1, 6, 6], good, [0, 0, 1e8, 10],
+                       [-np.inf, -np.inf, np.inf, np.inf], [-1e8, -1e8, 1e8, 1e8]], jnp.float32)
+  return boxes, jnp.asarray([1, 0, 1, 5, 1, 0, 0], jnp.int32)
+
+
+def pool_under_jit(op, features, boxes, box_indices):
+  """(out, gradient of out's sum with respect to the features, seconds incl. compilation) of
+  `op(features, boxes, box_indices)` inside jax.jit, so the boxes are traced."""
+  @jax.jit
+  def run(features, boxes, box_indices):
+    out, vjp = jax.vjp(lambda f: op(f, boxes, box_indices), features)
+    return out, vjp(jnp.ones_like(out))[0]
+
+  start = time.perf_counter()
+  out, grad = jax.block_until_ready(run(features, boxes, box_indices))
+  return np.asarray(out), np.asarray(grad), time.perf_counter() - start
+
